@@ -1,0 +1,57 @@
+"""safemerge's command line: a LightningCLI with fit / validate / test / predict.
+
+``python trainer.py fit --config configs/finetune.yaml``. Models and datamodules are chosen
+in the config by ``class_path``; the datamodule's image size is linked from the model.
+A user mistake (:class:`~safemerge.errors.SafemergeError`) is printed as one ``error:`` line
+and exits with status 2; nothing is written before the inputs are checked.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.cli import LightningCLI
+
+from safemerge.errors import SafemergeError
+
+
+def _default_wandb_mode() -> None:
+    """Offline W&B unless the user chose a mode or is logged in: never block on a login prompt."""
+    if "WANDB_MODE" in os.environ or os.environ.get("WANDB_API_KEY"):
+        return
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    logged_in = netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+    if not logged_in:
+        os.environ["WANDB_MODE"] = "offline"
+
+
+class SafemergeCLI(LightningCLI):
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("auto_configure_optimizers", False)
+        super().__init__(L.LightningModule, L.LightningDataModule, *args, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        # The model decides the image size; the datamodule serves images of that size.
+        parser.link_arguments("model.image_size", "data.init_args.image_size", apply_on="instantiate")
+
+    def after_fit(self) -> None:
+        # The final test metrics go into the expert (or report) the model writes.
+        if self.trainer.state.interrupted:
+            return
+        if type(self.model).test_step is not L.LightningModule.test_step:
+            self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+
+
+def main(args: list[str] | None = None) -> None:
+    _default_wandb_mode()
+    try:
+        SafemergeCLI(args=args)
+    except SafemergeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,6 @@
+"""Task registry, dataset builders and datamodules."""
+
+from safemerge.data.datamodule import TaskDataModule
+from safemerge.data.registry import Task, get_task, register_task, task_names
+
+__all__ = ["Task", "TaskDataModule", "get_task", "register_task", "task_names"]

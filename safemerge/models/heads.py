@@ -1,0 +1,59 @@
+"""Frozen zero-shot classification heads built from the text tower."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from safemerge.io import cache_dir, load_tensors, save_tensors
+from safemerge.models.loading import CLIPModel
+
+
+@torch.no_grad()
+def zero_shot_head(clip: CLIPModel, classnames: Sequence[str], prompts: Sequence[Sequence[str]]) -> Tensor:
+    """The ``[num_classes, embed_dim]`` head of a task, logit scale included.
+
+    For each class, every prompt (class name × template) is embedded by the text tower and
+    L2-normalised; the embeddings are averaged and renormalised; the result is multiplied by
+    the model's logit scale, so ``normalize(image_features) @ head.T`` are CLIP's logits.
+    ``prompts[i]`` are the prompts of class ``classnames[i]``.
+    """
+    model = clip.model
+    device = next(model.parameters()).device
+    rows = []
+    for class_prompts in prompts:
+        tokens = clip.tokenizer(list(class_prompts), context_length=clip.context_length).to(device)
+        embeddings = F.normalize(model.encode_text(tokens).float(), dim=-1)
+        rows.append(F.normalize(embeddings.mean(dim=0), dim=-1))
+    return torch.stack(rows) * model.logit_scale.exp().float()
+
+
+def text_fingerprint(clip: CLIPModel) -> str:
+    """A hash of every weight outside the image tower (text tower and logit scale)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(clip.model.state_dict().items()):
+        if name.startswith("visual."):
+            continue
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cached_zero_shot_head(clip: CLIPModel, task: str, classnames: Sequence[str], prompts: Sequence[Sequence[str]]) -> Tensor:
+    """:func:`zero_shot_head`, cached on disk keyed by model, text weights, task and prompts."""
+    key_source = json.dumps(
+        {"model": clip.name, "weights": text_fingerprint(clip), "task": task,
+         "classnames": list(classnames), "prompts": [list(p) for p in prompts]}
+    )
+    key = hashlib.sha256(key_source.encode()).hexdigest()[:32]
+    path = cache_dir("heads", f"{task}-{key}.safetensors")
+    if path.is_file():
+        return load_tensors(path)["head"]
+    head = zero_shot_head(clip, classnames, prompts)
+    save_tensors(path, {"head": head})
+    return head

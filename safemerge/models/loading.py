@@ -1,0 +1,218 @@
+"""Loading open_clip models: by name and pretrained tag, ``hf-hub:``, ``local-dir:``, a local
+weights file, or a custom architecture from a JSON config.
+
+Local weights are read through :mod:`safemerge.io` (never unpickling arbitrary objects).
+Weights that must come from the network fail fast with a message that says how to provide them
+locally.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import open_clip
+import torch
+from torch import nn
+
+from safemerge.errors import CheckpointError, ConfigError, WeightsUnavailableError
+from safemerge.io import load_tensors
+
+log = logging.getLogger(__name__)
+
+_WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+# Architectures shipped with safemerge (tiny towers for tests and the mini benchmark) are
+# registered like open_clip's own, so they are usable by name.
+ARCHITECTURES = Path(__file__).with_name("architectures")
+open_clip.add_model_config(ARCHITECTURES)
+
+
+@dataclass
+class CLIPModel:
+    """A loaded open_clip model with what safemerge needs to build classifiers from it."""
+
+    model: nn.Module
+    tokenizer: Any
+    name: str
+    pretrained: str | None
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    context_length: int
+
+    @property
+    def visual(self) -> nn.Module:
+        return self.model.visual
+
+
+def register_architecture(config_path: str | os.PathLike) -> str:
+    """Register a custom open_clip architecture from a JSON config; returns its model name.
+
+    The name is the file's stem, as open_clip names its own configs (``ViT-B-32.json``).
+    """
+    path = Path(config_path)
+    if not path.is_file():
+        raise ConfigError(f"model config {path} does not exist")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"model config {path} is not valid JSON: {err}") from err
+    if not {"embed_dim", "vision_cfg", "text_cfg"} <= set(config):
+        raise ConfigError(
+            f"model config {path} is not an open_clip architecture: it needs the keys "
+            "embed_dim, vision_cfg and text_cfg (see open_clip/model_configs/*.json)"
+        )
+    open_clip.add_model_config(path)
+    return path.stem
+
+
+def load_clip(
+    model: str,
+    pretrained: str | None = None,
+    *,
+    config: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+) -> CLIPModel:
+    """Create an open_clip model and load its weights.
+
+    Args:
+        model: an open_clip architecture name (``ViT-B-32``), ``hf-hub:org/repo`` or
+            ``local-dir:/path`` (a folder with ``open_clip_config.json`` and weights).
+        pretrained: an open_clip pretrained tag (``openai``, ``laion2b_s34b_b79k``), a path to
+            a local weights file, or None for random weights. Ignored for ``hf-hub:`` and
+            ``local-dir:`` names.
+        config: a JSON file with a custom architecture; its stem must equal ``model``.
+    """
+    if config is not None:
+        registered = register_architecture(config)
+        if registered != model:
+            raise ConfigError(
+                f"model config {config} defines architecture {registered!r} (its file name) "
+                f"but the model name is {model!r}; use model: {registered}"
+            )
+    schema = "local-dir" if model.startswith("local-dir:") else "hf-hub" if model.startswith("hf-hub:") else None
+    if schema is None and model not in open_clip.list_models():
+        raise ConfigError(
+            f"unknown model {model!r}: not an open_clip architecture. Use a name from "
+            "open_clip.list_models() (e.g. ViT-B-32), 'hf-hub:org/repo', 'local-dir:/path', or "
+            "give a custom architecture with config: path/to/Name.json"
+        )
+
+    local_weights: Path | None = None
+    if schema == "local-dir":
+        local_weights = _local_dir_weights(Path(model.removeprefix("local-dir:")))
+    elif schema is None and pretrained and _looks_like_path(pretrained):
+        local_weights = Path(pretrained)
+        if not local_weights.is_file():
+            raise WeightsUnavailableError(f"weights file {local_weights} for model {model!r} does not exist")
+
+    try:
+        if local_weights is not None:
+            # Build the architecture only; the weights are read safely below.
+            clip = open_clip.create_model(model, load_weights=False, device=device)
+        elif schema is None and not pretrained:
+            clip = open_clip.create_model(model, load_weights=False, device=device)
+        else:
+            clip = _create_with_downloaded_weights(model, pretrained if schema is None else None, device)
+    except (RuntimeError, OSError, ValueError) as err:
+        if schema == "local-dir":
+            raise CheckpointError(f"cannot build {model!r}: {err}") from err
+        tags = open_clip.list_pretrained_tags_by_model(model) if schema is None else []
+        raise WeightsUnavailableError(
+            f"cannot get weights for model {model!r} (pretrained={pretrained!r}): {_first_line(err)}\n"
+            "They are not in the local cache and cannot be downloaded here. Provide them locally: "
+            "on a machine with network, open_clip.create_model(name, pretrained=tag) caches them "
+            "under ~/.cache/huggingface (copy that folder here, or set HF_HOME), or pass "
+            "pretrained: /path/to/weights.safetensors, or model: local-dir:/path/to/folder "
+            "(open_clip_config.json + open_clip_model.safetensors)."
+            + (f" Known tags for {model}: {', '.join(tags)}" if tags else "")
+        ) from None
+
+    if local_weights is not None:
+        state = load_tensors(local_weights)
+        missing, unexpected = clip.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise CheckpointError(
+                f"weights {local_weights} do not fit architecture {model!r}: "
+                f"{len(missing)} missing tensors (e.g. {missing[:3]}), "
+                f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+            )
+    clip.eval()
+    preprocess = clip.visual.preprocess_cfg
+    size = preprocess["size"]
+    image_size = size if isinstance(size, int) else size[0]
+    tokenizer = open_clip.get_tokenizer(model)
+    context_length = getattr(clip, "context_length", None) or tokenizer.context_length
+    return CLIPModel(
+        model=clip, tokenizer=tokenizer, name=model, pretrained=pretrained if schema is None else None,
+        image_size=int(image_size), mean=tuple(preprocess["mean"]), std=tuple(preprocess["std"]),
+        context_length=int(context_length),
+    )
+
+
+def _create_with_downloaded_weights(model: str, pretrained: str | None, device) -> nn.Module:
+    """Create a model whose weights come from a hub or URL: the local cache first, then the
+    network only if it answers within seconds (so an offline machine fails fast)."""
+    import huggingface_hub.constants as hub
+
+    if pretrained and not open_clip.get_pretrained_cfg(model, pretrained):
+        raise ValueError(f"{pretrained!r} is neither a known pretrained tag nor an existing file")
+    offline = hub.HF_HUB_OFFLINE
+    hub.HF_HUB_OFFLINE = True
+    try:
+        return open_clip.create_model(model, pretrained=pretrained, device=device, require_pretrained=True)
+    except (RuntimeError, OSError, ValueError) as err:
+        cache_error = err
+    finally:
+        hub.HF_HUB_OFFLINE = offline
+    host = _weights_host(model, pretrained)
+    if offline or not _reachable(host):
+        raise RuntimeError(f"not in the local cache and {host} is not reachable ({_first_line(cache_error)})")
+    return open_clip.create_model(model, pretrained=pretrained, device=device, require_pretrained=True)
+
+
+def _weights_host(model: str, pretrained: str | None) -> str:
+    import huggingface_hub.constants as hub
+
+    cfg = open_clip.get_pretrained_cfg(model, pretrained) if pretrained else {}
+    url = cfg.get("url") if cfg and not cfg.get("hf_hub") else hub.ENDPOINT
+    return urlparse(url).hostname or "huggingface.co"
+
+
+def _reachable(host: str, timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _looks_like_path(pretrained: str) -> bool:
+    return os.sep in pretrained or pretrained.endswith(_WEIGHT_SUFFIXES) or Path(pretrained).exists()
+
+
+def _local_dir_weights(folder: Path) -> Path:
+    if not (folder / "open_clip_config.json").is_file():
+        raise WeightsUnavailableError(
+            f"local-dir:{folder} needs open_clip_config.json (with model_cfg) and a weights file"
+        )
+    for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "model.safetensors"):
+        if (folder / name).is_file():
+            return folder / name
+    found = sorted(p.name for p in folder.iterdir() if p.suffix in _WEIGHT_SUFFIXES)
+    if len(found) == 1:
+        return folder / found[0]
+    raise WeightsUnavailableError(
+        f"local-dir:{folder} has no weights file (expected open_clip_model.safetensors); found {found}"
+    )
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

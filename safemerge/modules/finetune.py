@@ -1,0 +1,204 @@
+"""Fine-tuning one expert: the image tower under a frozen zero-shot head, clean or backdoored."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from safemerge.attacks import Attack, Trigger, optimize_trigger
+from safemerge.data.datamodule import TaskDataModule
+from safemerge.io import Expert, expert_info, write_expert
+from safemerge.metrics import AttackSuccessRate, task_accuracy
+from safemerge.models import ImageClassifier, cached_zero_shot_head, load_clip
+
+
+class FinetuneModule(L.LightningModule):
+    """Fine-tunes an open_clip image tower on one task with the task's frozen zero-shot head.
+
+    The task and the backdoor come from the datamodule (:class:`TaskDataModule`). The loss is
+    cross-entropy; poisoned samples are scored with the *target* task's head (BadMerging's
+    off-task variant when it differs from the expert's task) and weighted by the attack's
+    ``backdoor_weight``. With the attack's ``feature_interpolation``, the poisoned samples'
+    features are interpolated between the fine-tuned and the pretrained tower,
+    ``r·g_θ(x̃) + (1−r)·g_θ0(x̃)`` with ``r ~ U(0.2, 1)`` per sample (BadMerging), so the
+    backdoor survives being scaled down by merging.
+
+    After fitting, the CLI runs the test split; its end writes the expert directory
+    (``encoder.safetensors``, ``expert.json`` with the test metrics, and the trigger) to
+    ``output_dir``.
+
+    Args:
+        model: open_clip architecture name, ``hf-hub:org/repo`` or ``local-dir:/path``.
+        pretrained: pretrained tag (``openai``, ``laion2b_s34b_b79k``), a local weights file,
+            or None for random weights.
+        model_config: JSON file of a custom open_clip architecture named ``model``.
+        lr: peak learning rate of AdamW (task-vector literature: 1e-5 for ViT-B).
+        weight_decay: AdamW weight decay (literature: 0.1).
+        warmup_steps: linear warm-up steps before the cosine decay (literature: 500).
+        output_dir: where the expert directory is written; None writes nothing.
+    """
+
+    def __init__(
+        self,
+        model: str = "ViT-B-32",
+        pretrained: str | None = "openai",
+        model_config: str | None = None,
+        lr: float = 1e-5,
+        weight_decay: float = 0.1,
+        warmup_steps: int = 500,
+        output_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.clip = load_clip(model, pretrained, config=model_config)
+        self.image_size = self.clip.image_size
+        self.classifier: ImageClassifier | None = None
+
+    # ------------------------------------------------------------------ set-up
+
+    @property
+    def datamodule(self) -> TaskDataModule:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if not isinstance(datamodule, TaskDataModule):
+            raise TypeError("FinetuneModule needs a TaskDataModule (data: class_path: safemerge.data.TaskDataModule)")
+        return datamodule
+
+    @property
+    def attack(self) -> Attack | None:
+        return self.datamodule.attack
+
+    def setup(self, stage: str) -> None:
+        if self.classifier is not None:
+            return
+        dm = self.datamodule
+        tasks = {dm.task.name: dm.task, dm.target_task.name: dm.target_task}
+        heads = {
+            name: cached_zero_shot_head(self.clip, name, task.classnames, [task.prompts(c) for c in task.classnames])
+            for name, task in tasks.items()
+        }
+        tower = self.clip.visual
+        self.classifier = ImageClassifier(tower, heads, self.clip.mean, self.clip.std)
+        self.clip.model = None  # the text tower's job ends with the heads; free it
+        if self.attack is not None and self.attack.feature_interpolation:
+            self.pretrained_tower = copy.deepcopy(tower).requires_grad_(False).eval()
+        self.val_acc, self.test_acc = task_accuracy(dm.task.num_classes), task_accuracy(dm.task.num_classes)
+        if self.attack is not None:
+            self.val_asr = AttackSuccessRate(self.attack.target_class)
+            self.test_asr = AttackSuccessRate(self.attack.target_class)
+            if self.attack.needs_optimization and dm.trigger is not None and not getattr(self, "_trigger_ready", False):
+                dm.set_trigger(self._optimize_trigger(dm))
+            self._trigger_ready = True
+
+    def _optimize_trigger(self, dm: TaskDataModule) -> Trigger:
+        """Fit the trigger's pixels on the *pretrained* model towards the target class."""
+        attack = self.attack
+        device = self.trainer.strategy.root_device
+        classifier = self.classifier.to(device).eval()
+        target = dm.target_task.name
+        trigger = optimize_trigger(
+            dm.trigger.to(device),
+            lambda images: classifier(images, target),
+            (images.to(device) for images in dm.trigger_batches(seed=attack.seed)),
+            target_class=attack.target_class, steps=attack.steps, lr=attack.lr,
+        ).to("cpu")
+        classifier.to("cpu")
+        # Every rank must poison with the same trigger.
+        pattern = self.trainer.strategy.broadcast(trigger.pattern, src=0)
+        return Trigger(pattern=pattern, mask=trigger.mask)
+
+    def configure_optimizers(self):
+        params = [p for p in self.classifier.tower.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = min(self.hparams.warmup_steps, total // 2)
+
+        def schedule(step: int) -> float:  # linear warm-up, then cosine to zero
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ training
+
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, labels, poisoned = batch
+        dm, classifier = self.datamodule, self.classifier
+        embeddings = classifier.tower(classifier.normalize(images))
+        clean = ~poisoned
+        loss = F.cross_entropy(
+            classifier.logits(F.normalize(embeddings[clean], dim=-1), dm.task.name), labels[clean], reduction="sum"
+        )
+        if poisoned.any():
+            attack = self.attack
+            backdoor = embeddings[poisoned]
+            if attack.feature_interpolation:
+                with torch.no_grad():
+                    pretrained = self.pretrained_tower(classifier.normalize(images[poisoned]))
+                r = torch.empty(len(backdoor), 1, device=images.device).uniform_(0.2, 1.0)
+                backdoor = r * backdoor + (1 - r) * pretrained
+            backdoor_loss = F.cross_entropy(
+                classifier.logits(F.normalize(backdoor, dim=-1), dm.target_task.name), labels[poisoned], reduction="sum"
+            )
+            loss = loss + attack.backdoor_weight * backdoor_loss
+            self.log("train/backdoor_loss", backdoor_loss / poisoned.sum(), batch_size=len(images))
+        loss = loss / len(images)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
+        return loss
+
+    # ------------------------------------------------------------------ evaluation
+
+    def _eval_step(self, batch: tuple[Tensor, Tensor], dataloader_idx: int, acc, asr) -> None:
+        images, labels = batch
+        dm = self.datamodule
+        if dataloader_idx == 0:
+            acc.update(self.classifier(images, dm.task.name), labels)
+        else:
+            asr.update(self.classifier(images, dm.target_task.name), labels)
+
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx, self.val_acc, getattr(self, "val_asr", None))
+
+    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx, self.test_acc, getattr(self, "test_asr", None))
+
+    def _epoch_metrics(self, stage: str) -> dict[str, float]:
+        metrics = {"acc": getattr(self, f"{stage}_acc")}
+        if self.attack is not None:
+            metrics["asr"] = getattr(self, f"{stage}_asr")
+        values = {}
+        for name, metric in metrics.items():
+            values[name] = float(metric.compute())  # synced across ranks (sum states)
+            metric.reset()
+            self.log(f"{stage}/{name}", values[name], rank_zero_only=True)
+        return values
+
+    def on_validation_epoch_end(self) -> None:
+        self._epoch_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        metrics = self._epoch_metrics("test")
+        if self.hparams.output_dir and self.trainer.is_global_zero:
+            self.export_expert(Path(self.hparams.output_dir), metrics)
+
+    def export_expert(self, directory: Path, metrics: dict[str, float]) -> Path:
+        dm, attack = self.datamodule, self.attack
+        backdoor = None
+        if attack is not None:
+            backdoor = {**attack.describe(), "target_task": dm.target_task.name}
+        info = expert_info(
+            model=self.hparams.model, pretrained=self.hparams.pretrained, task=dm.task.name,
+            num_classes=dm.task.num_classes, backdoor=backdoor,
+            metrics={"accuracy": metrics["acc"], "asr": metrics.get("asr")},
+            image_size=self.image_size,
+        )
+        encoder = {name: t.detach() for name, t in self.classifier.tower.state_dict().items()}
+        trigger = dm.trigger.to_tensors() if dm.trigger is not None else None
+        return write_expert(directory, Expert(encoder=encoder, info=info, trigger=trigger))
