@@ -42,7 +42,7 @@ class SafemergeCLI(LightningCLI):
 
     def after_fit(self) -> None:
         # The final test metrics go into the expert (or report) the model writes.
-        if self.trainer.state.interrupted:
+        if self.trainer.interrupted:
             return
         if type(self.model).test_step is not L.LightningModule.test_step:
             self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)

@@ -4,9 +4,10 @@ Each task is one row of :data:`DATASETS`: which torchvision dataset reads it, wh
 ships, how its files lie under ``root`` and where to get them. Splits are formed the same way
 for every task:
 
-* a split the dataset ships is used as is (DTD's train/val/test, the others' train and test);
-* no validation split: it is carved out of the training split with
-  :func:`~safemerge.data.transforms.carve_val` (10 %, seeded);
+* DTD ships train/val/test: used as they are (partition 1);
+* the others ship train and test: test is used as it is, and validation is carved out of the
+  training split with :func:`~safemerge.data.transforms.carve_val` (10 %, seeded; train is
+  the remaining 90 %);
 * no split at all (EuroSAT, SUN397, NWPU-RESISC45): train/val/test are carved 80/10/10 with
   :func:`~safemerge.data.transforms.carve` (seeded).
 
@@ -51,12 +52,12 @@ def cache_dir() -> Path:
 # ---------------------------------------------------------------------------- openers
 
 
-def _train_flag(dataset_cls: type, subdir: str = "") -> Opener:
+def _train_flag(dataset_cls: type) -> Opener:
     """Datasets split by ``train=True/False`` (MNIST family, CIFAR)."""
 
     def open_split(root: Path, split: str | None, transform: Callable, download: bool) -> Dataset:
         return dataset_cls(
-            root / subdir, train=split == "train", transform=transform, target_transform=int,
+            root, train=split == "train", transform=transform, target_transform=int,
             download=download,
         )
 
@@ -164,20 +165,13 @@ def _gunzip(source: Path, target: Path) -> None:
         raise
 
 
-def _fashion_mnist_opener() -> Opener:
-    read = _train_flag(tv.FashionMNIST)
+def _idx_opener(task: str, dataset_cls: type) -> Opener:
+    """MNIST-family datasets, readable from torchvision's layout or from bare ``.gz`` files."""
+    read = _train_flag(dataset_cls)
 
     def open_split(root: Path, split: str | None, transform: Callable, download: bool) -> Dataset:
-        return read(_idx_root("fashion_mnist", "FashionMNIST", root), split, transform, download)
-
-    return open_split
-
-
-def _mnist_opener() -> Opener:
-    read = _train_flag(tv.MNIST)
-
-    def open_split(root: Path, split: str | None, transform: Callable, download: bool) -> Dataset:
-        return read(_idx_root("mnist", "MNIST", root), split, transform, download)
+        # torchvision names the folder after the class: <root>/MNIST, <root>/FashionMNIST.
+        return read(_idx_root(task, dataset_cls.__name__, root), split, transform, download)
 
     return open_split
 
@@ -218,8 +212,8 @@ class RealDataset:
         return self.default_root is not None
 
     def how_to_get(self) -> str:
-        ways = ([FETCH_WITH_TORCHVISION] if self.downloadable else []) + ([self.source] if self.source else [])
-        return "; or ".join(ways)
+        ways = [FETCH_WITH_TORCHVISION] if self.downloadable else []
+        return "; or ".join(ways + ([self.source] if self.source else []))
 
     def __call__(
         self, split: Split, *, root: Path | str | None, image_size: int, download: bool, seed: int
@@ -279,9 +273,12 @@ _IDX_LAYOUT = "{train,t10k}-{images-idx3,labels-idx1}-ubyte"
 DATASETS: tuple[RealDataset, ...] = (
     RealDataset(
         task="mnist",
-        open=_mnist_opener(),
+        open=_idx_opener("mnist", tv.MNIST),
         shipped=("train", "test"),
-        layout=_layout(f"<root>/MNIST/raw/{_IDX_LAYOUT}", f"  (or the four {_IDX_LAYOUT}.gz files in <root>)"),
+        layout=_layout(
+            f"<root>/MNIST/raw/{_IDX_LAYOUT}  (torchvision's layout)",
+            f"  or <root>/{_IDX_LAYOUT}.gz",
+        ),
     ),
     RealDataset(
         task="svhn",
@@ -376,7 +373,7 @@ DATASETS: tuple[RealDataset, ...] = (
     ),
     RealDataset(
         task="fashion_mnist",
-        open=_fashion_mnist_opener(),
+        open=_idx_opener("fashion_mnist", tv.FashionMNIST),
         shipped=("train", "test"),
         layout=_layout(
             f"<root>/{_IDX_LAYOUT}.gz  (as Debian's dataset-fashion-mnist installs them; "

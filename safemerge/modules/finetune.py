@@ -83,7 +83,7 @@ class FinetuneModule(L.LightningModule):
             for name, task in tasks.items()
         }
         tower = self.clip.visual
-        self.classifier = ImageClassifier(tower, heads, self.clip.mean, self.clip.std)
+        self.classifier = ImageClassifier(tower.train(), heads, self.clip.mean, self.clip.std)
         self.clip.model = None  # the text tower's job ends with the heads; free it
         if self.attack is not None and self.attack.feature_interpolation:
             self.pretrained_tower = copy.deepcopy(tower).requires_grad_(False).eval()
