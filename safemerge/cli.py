@@ -48,10 +48,25 @@ class SafemergeCLI(LightningCLI):
             self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
 
 
+def _user_error(err: BaseException) -> SafemergeError | None:
+    """The user mistake behind an exception: jsonargparse wraps errors raised while it
+    instantiates classes, keeping the original as the cause."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, SafemergeError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def main(args: list[str] | None = None) -> None:
     _default_wandb_mode()
     try:
         SafemergeCLI(args=args)
-    except SafemergeError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:
+        user_error = _user_error(err)
+        if user_error is None:
+            raise
+        print(f"error: {user_error}", file=sys.stderr)
         raise SystemExit(2) from None

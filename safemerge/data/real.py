@@ -34,6 +34,7 @@ from safemerge.data.registry import SPLITS, Split, Task, register_task
 from safemerge.data.templates import CLASSNAMES, TEMPLATES
 from safemerge.data.transforms import carve, carve_val, to_pixels
 from safemerge.errors import ConfigError, DatasetNotFoundError
+from safemerge.io import cache_dir
 
 VAL_FRACTION = 0.1  # of the training split, for datasets that ship no validation split
 CARVE_FRACTIONS = (0.8, 0.1, 0.1)  # train/val/test, for datasets that ship no split at all
@@ -42,11 +43,6 @@ FETCH_WITH_TORCHVISION = "set `download: true` (data.init_args.download) to let 
 
 # (root, split or None for split-less datasets, image transform, download) -> dataset
 Opener = Callable[[Path, Optional[str], Callable, bool], Dataset]
-
-
-def cache_dir() -> Path:
-    """Where safemerge writes derived files: ``$SAFEMERGE_CACHE`` or ``~/.cache/safemerge``."""
-    return Path(os.environ.get("SAFEMERGE_CACHE") or Path.home() / ".cache" / "safemerge").expanduser()
 
 
 # ---------------------------------------------------------------------------- openers

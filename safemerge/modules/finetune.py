@@ -107,7 +107,7 @@ class FinetuneModule(L.LightningModule):
             (images.to(device) for images in dm.trigger_batches(seed=attack.seed)),
             target_class=attack.target_class, steps=attack.steps, lr=attack.lr,
         ).to("cpu")
-        classifier.to("cpu")
+        classifier.to("cpu").train()
         # Every rank must poison with the same trigger.
         pattern = self.trainer.strategy.broadcast(trigger.pattern, src=0)
         return Trigger(pattern=pattern, mask=trigger.mask)
