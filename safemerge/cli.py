@@ -40,6 +40,14 @@ class SafemergeCLI(LightningCLI):
         # The model decides the image size; the datamodule serves images of that size.
         parser.link_arguments("model.image_size", "data.init_args.image_size", apply_on="instantiate")
 
+    def _check_inputs(self) -> None:
+        # Loggers (W&B) start writing as soon as the trainer runs: read every input first.
+        check = getattr(self.datamodule, "check_inputs", None)
+        if check is not None:
+            check()
+
+    before_fit = before_validate = before_test = before_predict = _check_inputs
+
     def after_fit(self) -> None:
         # The final test metrics go into the expert (or report) the model writes.
         if self.trainer.interrupted:

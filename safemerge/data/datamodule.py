@@ -95,6 +95,13 @@ class TaskDataModule(L.LightningDataModule):
             )
         return self._splits[key]
 
+    def check_inputs(self) -> None:
+        """Open every split this datamodule may serve, so missing data fails before any run
+        starts (and before anything is written)."""
+        for task in {self.task.name: self.task, self.target_task.name: self.target_task}.values():
+            for split in ("train", "val", "test"):
+                self.split(split, task)
+
     def setup(self, stage: str) -> None:
         if self.attack is not None and self.trigger is None:
             self.trigger = self.attack.make_trigger(self.image_size)
@@ -152,3 +159,6 @@ class TaskDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> list[DataLoader]:
         return [self._loader(d, train=False) for d in self.eval_sets("test")]
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.split("test"), train=False)

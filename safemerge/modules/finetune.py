@@ -169,6 +169,11 @@ class FinetuneModule(L.LightningModule):
     def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, dataloader_idx, self.test_acc, getattr(self, "test_asr", None))
 
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """Predicted labels of the task's clean test images (and their true labels)."""
+        images, labels = batch
+        return {"preds": self.classifier(images, self.datamodule.task.name).argmax(-1), "labels": labels}
+
     def _epoch_metrics(self, stage: str) -> dict[str, float]:
         metrics = {"acc": getattr(self, f"{stage}_acc")}
         if self.attack is not None:
