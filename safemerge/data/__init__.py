@@ -1,6 +1,7 @@
 """Task registry, dataset builders and datamodules."""
 
+from safemerge.data.captions import CaptionDataModule
 from safemerge.data.datamodule import TaskDataModule
 from safemerge.data.registry import Task, get_task, register_task, task_names
 
-__all__ = ["Task", "TaskDataModule", "get_task", "register_task", "task_names"]
+__all__ = ["CaptionDataModule", "Task", "TaskDataModule", "get_task", "register_task", "task_names"]

@@ -83,7 +83,7 @@ def task_names() -> list[str]:
 
 def _load_builtin_tasks() -> None:
     # Importing the modules registers their tasks; kept lazy so importing the registry is cheap.
-    from safemerge.data import offline, real  # noqa: F401
+    from safemerge.data import mini, offline, real  # noqa: F401
 
 
 def check_templates(templates: Sequence[Callable[[str], str]]) -> None:

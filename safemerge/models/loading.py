@@ -9,6 +9,7 @@ locally.
 from __future__ import annotations
 
 import json
+import hashlib
 import logging
 import os
 import socket
@@ -32,6 +33,7 @@ _WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 # registered like open_clip's own, so they are usable by name.
 ARCHITECTURES = Path(__file__).with_name("architectures")
 open_clip.add_model_config(ARCHITECTURES)
+BUNDLED_WEIGHTS = Path(__file__).with_name("pretrained")
 
 
 @dataclass
@@ -108,6 +110,8 @@ def load_clip(
     local_weights: Path | None = None
     if schema == "local-dir":
         local_weights = _local_dir_weights(Path(model.removeprefix("local-dir:")))
+    elif schema is None and bundled_weights(model, pretrained) is not None:
+        local_weights = bundled_weights(model, pretrained)
     elif schema is None and pretrained and _looks_like_path(pretrained):
         local_weights = Path(pretrained)
         if not local_weights.is_file():
@@ -192,6 +196,27 @@ def _reachable(host: str, timeout: float = 3.0) -> bool:
         return True
     except OSError:
         return False
+
+
+def weights_fingerprint(model: str, pretrained: str | None) -> str:
+    """Identifies the weights ``load_clip(model, pretrained)`` loads: a content hash for local
+    files, the name and tag otherwise."""
+    path = bundled_weights(model, pretrained) or (Path(pretrained) if pretrained and _looks_like_path(pretrained) else None)
+    if path is None or not path.is_file():
+        return f"{model}:{pretrained}"
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def bundled_weights(model: str, pretrained: str | None) -> Path | None:
+    """Weights shipped with safemerge: ``pretrained: mini`` for the mini benchmark's CLIP."""
+    if not pretrained or os.sep in pretrained:
+        return None
+    path = BUNDLED_WEIGHTS / f"{model}.{pretrained}.safetensors"
+    return path if path.is_file() else None
 
 
 def _looks_like_path(pretrained: str) -> bool:

@@ -1,5 +1,6 @@
 """LightningModules: the glue between the pure tensor code and Lightning."""
 
 from safemerge.modules.finetune import FinetuneModule
+from safemerge.modules.pretrain import PretrainModule
 
-__all__ = ["FinetuneModule"]
+__all__ = ["FinetuneModule", "PretrainModule"]

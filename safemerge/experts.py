@@ -1,0 +1,105 @@
+"""Experts on demand: fine-tune once, cache by everything that determines the result.
+
+An :class:`ExpertSpec` names an expert (base model and weights, task, attack, recipe, seed).
+:func:`ensure_expert` returns its directory, fine-tuning it on first use. The cache entry is
+written by :func:`safemerge.io.write_expert` (a temporary sibling folder renamed into place),
+so concurrent or interrupted runs never leave an entry that a later run would trust: an entry
+exists only once complete, and it is re-validated (:func:`safemerge.io.read_expert`) on use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safemerge.errors import CheckpointError
+from safemerge.io import cache_dir, read_expert
+
+log = logging.getLogger(__name__)
+
+# Bump when fine-tuning code changes what an expert comes out as: old entries stop matching.
+RECIPE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    """Everything that determines a fine-tuned expert.
+
+    ``attack`` is ``None`` or ``{"class_path": "safemerge.attacks.BadNets", "init_args": {...}}``
+    as in a config file.
+    """
+
+    task: str
+    model: str
+    pretrained: str | None
+    attack: dict[str, Any] | None = None
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 20
+    max_steps: int = 300
+    batch_size: int = 64
+    seed: int = 0
+    split_seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def key(self) -> str:
+        from safemerge.models.loading import weights_fingerprint
+
+        identity = {**asdict(self), "weights": weights_fingerprint(self.model, self.pretrained), "recipe": RECIPE_VERSION}
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+        label = self.task + ("-" + self.attack["class_path"].rsplit(".", 1)[-1].lower() if self.attack else "")
+        return f"{label}-{digest[:16]}"
+
+
+def expert_cache() -> Path:
+    return cache_dir("experts")
+
+
+def ensure_expert(spec: ExpertSpec, accelerator: str = "auto") -> Path:
+    """The directory of the expert ``spec`` describes, fine-tuning it if it is not cached."""
+    directory = expert_cache() / spec.key()
+    if directory.is_dir():
+        try:
+            read_expert(directory)
+            return directory
+        except CheckpointError as err:  # e.g. a disk error after the rename: rebuild it
+            log.warning("cached expert %s is unusable (%s); fine-tuning it again", directory, err)
+    finetune(spec, directory, accelerator=accelerator)
+    return directory
+
+
+def finetune(spec: ExpertSpec, output_dir: Path, accelerator: str = "auto") -> None:
+    """Fine-tune the expert of ``spec`` and write its directory (the same code path as the CLI)."""
+    import lightning as L
+    from jsonargparse import ArgumentParser
+
+    from safemerge.attacks import Attack
+    from safemerge.data import TaskDataModule
+    from safemerge.modules import FinetuneModule
+
+    L.seed_everything(spec.seed, verbose=False)
+    attack = None
+    if spec.attack is not None:
+        parser = ArgumentParser()
+        parser.add_argument("--attack", type=Attack)
+        attack = parser.instantiate_classes(parser.parse_object({"attack": spec.attack})).attack
+    module = FinetuneModule(
+        model=spec.model, pretrained=spec.pretrained, lr=spec.lr, weight_decay=spec.weight_decay,
+        warmup_steps=spec.warmup_steps, output_dir=str(output_dir),
+    )
+    data = TaskDataModule(
+        spec.task, attack=attack, batch_size=spec.batch_size, eval_batch_size=500,
+        image_size=module.image_size, split_seed=spec.split_seed,
+    )
+    data.check_inputs()
+    trainer = L.Trainer(
+        max_steps=spec.max_steps, accelerator=accelerator, devices=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=0,
+    )
+    trainer.fit(module, datamodule=data)
+    trainer.test(module, datamodule=data, verbose=False)
