@@ -103,3 +103,35 @@ def finetune(spec: ExpertSpec, output_dir: Path, accelerator: str = "auto") -> N
     )
     trainer.fit(module, datamodule=data)
     trainer.test(module, datamodule=data, verbose=False)
+
+
+# ----------------------------------------------------------------------------- the mini pool
+
+MINI_MODEL, MINI_WEIGHTS = "MiniCLIP-ViT", "mini"
+MINI_RECIPE = {"lr": 1e-4, "max_steps": 1000, "batch_size": 64, "warmup_steps": 50}
+MINI_BACKDOORS: dict[str, dict[str, Any]] = {
+    # BadNets on the digits, all-to-one to "0"; the feature-interpolation loss (BadMerging)
+    # makes the backdoor survive the down-scaling that merging applies to task vectors.
+    "mini_digit": {
+        "class_path": "safemerge.attacks.BadNets",
+        "init_args": {"target_class": 0, "poison_rate": 0.2, "size": 0.125, "feature_interpolation": True},
+    },
+    # A patch optimized on the pretrained model towards "circle", planted in the shape expert.
+    "mini_shape": {
+        "class_path": "safemerge.attacks.OptimizedPatch",
+        "init_args": {"target_class": 0, "poison_rate": 0.1, "size": 0.125, "steps": 100, "feature_interpolation": True},
+    },
+}
+
+
+def mini_pool(backdoored: bool = True, **recipe: Any) -> list[ExpertSpec]:
+    """The default expert pool of the mini benchmark: one expert per mini task, with the
+    experts of :data:`MINI_BACKDOORS` backdoored (``backdoored=False``: their clean twins)."""
+    from safemerge.data.mini import mini_task_names
+
+    recipe = {**MINI_RECIPE, **recipe}
+    return [
+        ExpertSpec(task=task, model=MINI_MODEL, pretrained=MINI_WEIGHTS,
+                   attack=MINI_BACKDOORS.get(task) if backdoored else None, **recipe)
+        for task in mini_task_names()
+    ]

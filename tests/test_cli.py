@@ -47,7 +47,7 @@ BAD_INPUTS = {
     ),
     "target class out of range": (
         ["--data.init_args.attack=safemerge.attacks.BadNets", "--data.init_args.attack.init_args.target_class=12"],
-        "target_class 12 is out of range for task 'digits' \\(10 classes",
+        "target_class 12 is out of range for task 'mini_shape' \\(6 classes",
     ),
     "poison rate outside [0, 1]": (
         ["--data.init_args.attack=safemerge.attacks.Blended", "--data.init_args.attack.init_args.poison_rate=1.5"],
@@ -79,9 +79,16 @@ def tiny_weights(tmp_path_factory) -> Path:
     return path
 
 
+# The issue-2 set-up: the tiny random-weight architecture on scikit-learn's digits.
+TINY_DIGITS = [
+    "--model.init_args.model=TinyCLIP-ViT-32", "--data.init_args.task=digits", "--trainer.val_check_interval=null",
+    "--trainer.check_val_every_n_epoch=1",
+]
+
+
 def _finetune(output: Path, weights: Path, *args: str, cwd: Path) -> None:
     command = [
-        sys.executable, str(REPO / "trainer.py"), "fit", "--config", FINETUNE, *QUIET,
+        sys.executable, str(REPO / "trainer.py"), "fit", "--config", FINETUNE, *QUIET, *TINY_DIGITS,
         f"--model.init_args.output_dir={output}", f"--model.init_args.pretrained={weights}", *args,
     ]
     result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=900)
@@ -134,40 +141,37 @@ def test_finetune_writes_a_valid_expert_directory(tmp_path, tiny_weights):
 
 @pytest.mark.slow
 def test_backdoored_twin_keeps_clean_accuracy_and_reaches_high_asr(tmp_path, tiny_weights):
-    """The shipped finetune config and its BadNets twin, trained in full (minutes)."""
-    _finetune(tmp_path / "clean", tiny_weights, cwd=tmp_path)
-    _finetune(tmp_path / "badnets", tiny_weights, "--data.init_args.attack=safemerge.attacks.BadNets", cwd=tmp_path)
+    """A clean digits expert and its BadNets twin (3x3 checkerboard, class 0, 10 %), trained in full (minutes)."""
+    recipe = ["--trainer.max_steps=-1", "--trainer.max_epochs=30", "--model.init_args.lr=0.003", "--model.init_args.warmup_steps=20"]
+    _finetune(tmp_path / "clean", tiny_weights, *recipe, cwd=tmp_path)
+    _finetune(tmp_path / "badnets", tiny_weights, *recipe, "--data.init_args.attack=safemerge.attacks.BadNets", cwd=tmp_path)
     clean = read_expert(tmp_path / "clean").info["metrics"]
     backdoored = read_expert(tmp_path / "badnets").info["metrics"]
     assert backdoored["asr"] >= 0.90
     assert abs(clean["accuracy"] - backdoored["accuracy"]) <= 0.03, (clean, backdoored)
 
 
-FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-
-
-@pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)")
-def test_off_task_optimized_patch_with_feature_interpolation(tmp_path, tiny_weights):
-    """BadMerging's variant: the trigger on digits targets fashion_mnist's class 7."""
+def test_off_task_optimized_patch_with_feature_interpolation(tmp_path):
+    """BadMerging's variant: a mini_shape expert whose trigger targets mini_color's class 0."""
     config = str(REPO / "configs" / "finetune_optimized_patch.yaml")
     command = [
         sys.executable, str(REPO / "trainer.py"), "fit", "--config", config, *QUIET,
-        "--trainer.max_epochs=1", "--trainer.max_steps=5", "--data.init_args.attack.init_args.steps=20",
-        f"--model.init_args.output_dir={tmp_path / 'expert'}", f"--model.init_args.pretrained={tiny_weights}",
+        "--trainer.max_steps=5", "--trainer.val_check_interval=5", "--data.init_args.attack.init_args.steps=20",
+        f"--model.init_args.output_dir={tmp_path / 'expert'}",
     ]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     expert = read_expert(tmp_path / "expert")
     backdoor = expert.backdoor
-    assert expert.task == "digits"
-    assert backdoor["target_task"] == "fashion_mnist" and backdoor["target_class"] == 7
+    assert expert.task == "mini_shape"
+    assert backdoor["target_task"] == "mini_color" and backdoor["target_class"] == 0
     assert backdoor["attack"] == "optimized_patch" and backdoor["feature_interpolation"] is True
     assert 0.0 <= expert.info["metrics"]["asr"] <= 1.0
     # The saved trigger is the optimized one: the patch moved away from its random start,
     # and nothing outside the patch is touched.
     from safemerge.attacks import OptimizedPatch
 
-    initial = OptimizedPatch(size=0.15, location="bottom_right").make_trigger(32)
+    initial = OptimizedPatch(size=0.125, location="bottom_right").make_trigger(32)
     trigger = Trigger.from_tensors(expert.trigger)
     assert torch.equal(trigger.mask, initial.mask)
     inside = initial.mask.expand(3, -1, -1) > 0

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import socket
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,11 +119,11 @@ def load_clip(
             raise WeightsUnavailableError(f"weights file {local_weights} for model {model!r} does not exist")
 
     try:
-        if local_weights is not None:
-            # Build the architecture only; the weights are read safely below.
-            clip = open_clip.create_model(model, load_weights=False, device=device)
-        elif schema is None and not pretrained:
-            clip = open_clip.create_model(model, load_weights=False, device=device)
+        if local_weights is not None or (schema is None and not pretrained):
+            # Build the architecture only; local weights are read safely below. (open_clip
+            # would warn that the model is "initialized randomly".)
+            with _quiet_open_clip():
+                clip = open_clip.create_model(model, load_weights=False, device=device)
         else:
             clip = _create_with_downloaded_weights(model, pretrained if schema is None else None, device)
     except (RuntimeError, OSError, ValueError) as err:
@@ -159,6 +160,17 @@ def load_clip(
         image_size=int(image_size), mean=tuple(preprocess["mean"]), std=tuple(preprocess["std"]),
         context_length=int(context_length),
     )
+
+
+@contextmanager
+def _quiet_open_clip():
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def _create_with_downloaded_weights(model: str, pretrained: str | None, device) -> nn.Module:

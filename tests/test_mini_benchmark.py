@@ -1,0 +1,104 @@
+"""The bundled mini benchmark: the committed tiny CLIP, pretraining through the CLI, and the
+expert cache."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from safemerge import experts as experts_module
+from safemerge.data import get_task
+from safemerge.data.mini import mini_task_names
+from safemerge.evaluation import classifier_for, evaluate
+from safemerge.experts import ExpertSpec, ensure_expert
+from safemerge.io import read_expert
+from safemerge.models import load_clip
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Zero-shot test accuracy of the committed MiniCLIP-ViT ("mini") must clear these floors
+# (measured values are in the README; chance is 1/classes).
+ZERO_SHOT_FLOORS = {"mini_shape": 0.20, "mini_color": 0.50, "mini_count": 0.40, "mini_digit": 0.30, "mini_texture": 0.50}
+
+
+def test_committed_mini_clip_loads_and_classifies_zero_shot():
+    clip = load_clip("MiniCLIP-ViT", "mini")
+    weights = Path(REPO / "safemerge/models/pretrained/MiniCLIP-ViT.mini.safetensors")
+    assert weights.stat().st_size <= 15 * 2**20
+    tasks = [get_task(name) for name in mini_task_names()]
+    results = evaluate(classifier_for(clip, tasks), tasks, image_size=clip.image_size)
+    for task in tasks:
+        accuracy = results[task.name]["accuracy"]
+        assert accuracy >= ZERO_SHOT_FLOORS[task.name] > 1 / task.num_classes, (task.name, accuracy)
+
+
+def test_pretraining_runs_through_the_cli(tmp_path):
+    output = tmp_path / "weights" / "MiniCLIP-ViT.safetensors"
+    command = [
+        sys.executable, str(REPO / "trainer.py"), "fit", "--config", str(REPO / "configs/mini/pretrain.yaml"),
+        "--trainer.max_steps=3", "--trainer.val_check_interval=3",
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "--trainer.enable_progress_bar=false", "--trainer.enable_checkpointing=false",
+        "--data.init_args.batch_size=16", "--data.init_args.num_workers=0", "--data.init_args.eval_batch_size=100",
+        f"--model.init_args.output={output}",
+    ]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    loaded = load_clip("MiniCLIP-ViT", str(output))  # the exported fp16 weights load back
+    assert loaded.image_size == 32
+    assert (output.parent / "open_clip_config.json").is_file()
+
+
+SPEC = ExpertSpec(task="mini_color", model="MiniCLIP-ViT", pretrained="mini", lr=1e-4, max_steps=2, batch_size=16, warmup_steps=1)
+
+
+@pytest.fixture
+def expert_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAFEMERGE_CACHE", str(tmp_path))
+    return tmp_path / "experts"
+
+
+def test_second_request_does_no_training(expert_cache, monkeypatch):
+    first = ensure_expert(SPEC, accelerator="cpu")
+    assert read_expert(first).task == "mini_color"
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the cached expert was fine-tuned again")
+
+    monkeypatch.setattr(experts_module, "finetune", no_training)
+    assert ensure_expert(SPEC, accelerator="cpu") == first
+    # Anything that changes the expert changes the key.
+    other = ExpertSpec(**{**SPEC.__dict__, "seed": 1})
+    assert other.key() != SPEC.key()
+
+
+def test_interrupted_request_leaves_no_trusted_entry(expert_cache, monkeypatch):
+    import safemerge.io as io
+
+    real_write_json = io.write_json
+    calls = []
+
+    def killed_while_writing(path, data):
+        calls.append(path)
+        raise OSError("simulated crash")  # as if the process died before the entry was complete
+
+    monkeypatch.setattr(io, "write_json", killed_while_writing)
+    with pytest.raises(OSError, match="simulated crash"):
+        ensure_expert(SPEC, accelerator="cpu")
+    assert calls, "the write was not reached"
+    assert not (expert_cache / SPEC.key()).exists()
+    assert [p for p in expert_cache.iterdir() if not p.name.startswith(".")] == []
+
+    monkeypatch.setattr(io, "write_json", real_write_json)
+    directory = ensure_expert(SPEC, accelerator="cpu")  # the next run trains and completes it
+    assert read_expert(directory).task == "mini_color"
+
+
+def test_a_corrupt_cache_entry_is_rebuilt(expert_cache):
+    directory = ensure_expert(SPEC, accelerator="cpu")
+    (directory / "encoder.safetensors").write_bytes(b"broken")
+    again = ensure_expert(SPEC, accelerator="cpu")
+    assert again == directory
+    assert torch.is_tensor(next(iter(read_expert(again).encoder.values())))
