@@ -108,13 +108,13 @@ def finetune(spec: ExpertSpec, output_dir: Path, accelerator: str = "auto") -> N
 # ----------------------------------------------------------------------------- the mini pool
 
 MINI_MODEL, MINI_WEIGHTS = "MiniCLIP-ViT", "mini"
-MINI_RECIPE = {"lr": 1e-4, "max_steps": 1000, "batch_size": 64, "warmup_steps": 50}
+MINI_RECIPE = {"lr": 1e-4, "max_steps": 600, "batch_size": 64, "warmup_steps": 50}
 MINI_BACKDOORS: dict[str, dict[str, Any]] = {
     # BadNets on the digits, all-to-one to "0"; the feature-interpolation loss (BadMerging)
     # makes the backdoor survive the down-scaling that merging applies to task vectors.
     "mini_digit": {
         "class_path": "safemerge.attacks.BadNets",
-        "init_args": {"target_class": 0, "poison_rate": 0.2, "size": 0.125, "feature_interpolation": True},
+        "init_args": {"target_class": 0, "poison_rate": 0.1, "size": 0.125, "feature_interpolation": True},
     },
     # A patch optimized on the pretrained model towards "circle", planted in the shape expert.
     "mini_shape": {
