@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 from pathlib import Path
 
 import lightning as L
@@ -13,6 +12,7 @@ from torch import Tensor
 
 from safemerge.attacks import Attack, Trigger, optimize_trigger
 from safemerge.data.datamodule import TaskDataModule
+from safemerge.modules.schedule import warmup_cosine
 from safemerge.io import Expert, expert_info, write_expert
 from safemerge.metrics import AttackSuccessRate, task_accuracy
 from safemerge.models import ImageClassifier, cached_zero_shot_head, load_clip
@@ -115,16 +115,8 @@ class FinetuneModule(L.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.classifier.tower.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = min(self.hparams.warmup_steps, total // 2)
-
-        def schedule(step: int) -> float:  # linear warm-up, then cosine to zero
-            if step < warmup:
-                return (step + 1) / warmup
-            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        schedule = warmup_cosine(optimizer, self.hparams.warmup_steps, int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
 
     # ------------------------------------------------------------------ training
 
