@@ -91,9 +91,8 @@ class FinetuneModule(L.LightningModule):
         if self.attack is not None:
             self.val_asr = AttackSuccessRate(self.attack.target_class)
             self.test_asr = AttackSuccessRate(self.attack.target_class)
-            if self.attack.needs_optimization and dm.trigger is not None and not getattr(self, "_trigger_ready", False):
+            if self.attack.needs_optimization:  # once: set-up returns early after the first call
                 dm.set_trigger(self._optimize_trigger(dm))
-            self._trigger_ready = True
 
     def _optimize_trigger(self, dm: TaskDataModule) -> Trigger:
         """Fit the trigger's pixels on the *pretrained* model towards the target class."""
