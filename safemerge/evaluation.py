@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from safemerge.attacks import Trigger
 from safemerge.data.registry import Split, Task
 from safemerge.metrics import AttackSuccessRate, task_accuracy
-from safemerge.models import CLIPModel, ImageClassifier, cached_zero_shot_head
+from safemerge.models import CLIPModel, ImageClassifier, cached_task_heads
 
 
 @dataclass(frozen=True)
@@ -26,11 +26,7 @@ class Backdoor:
 
 def classifier_for(clip: CLIPModel, tasks: Sequence[Task]) -> ImageClassifier:
     """The classifier of ``clip``'s image tower with a zero-shot head per task."""
-    heads = {
-        task.name: cached_zero_shot_head(clip, task.name, task.classnames, [task.prompts(c) for c in task.classnames])
-        for task in tasks
-    }
-    return ImageClassifier(clip.visual, heads, clip.mean, clip.std).eval()
+    return ImageClassifier(clip.visual, cached_task_heads(clip, tasks), clip.mean, clip.std).eval()
 
 
 @torch.no_grad()

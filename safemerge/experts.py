@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,6 @@ class ExpertSpec:
     batch_size: int = 64
     seed: int = 0
     split_seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def key(self) -> str:
         from safemerge.models.loading import weights_fingerprint

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +12,9 @@ from torch import Tensor
 
 from safemerge.io import cache_dir, load_tensors, save_tensors
 from safemerge.models.loading import CLIPModel
+
+if TYPE_CHECKING:
+    from safemerge.data.registry import Task
 
 
 @torch.no_grad()
@@ -44,10 +47,17 @@ def text_fingerprint(clip: CLIPModel) -> str:
     return digest.hexdigest()
 
 
-def cached_zero_shot_head(clip: CLIPModel, task: str, classnames: Sequence[str], prompts: Sequence[Sequence[str]]) -> Tensor:
-    """:func:`zero_shot_head`, cached on disk keyed by model, text weights, task and prompts."""
+def cached_zero_shot_head(
+    clip: CLIPModel, task: str, classnames: Sequence[str], prompts: Sequence[Sequence[str]],
+    *, fingerprint: str | None = None,
+) -> Tensor:
+    """:func:`zero_shot_head`, cached on disk keyed by model, text weights, task and prompts.
+
+    ``fingerprint`` is :func:`text_fingerprint` of ``clip``, when the caller already has it
+    (it hashes every text weight: compute it once per model, not once per task).
+    """
     key_source = json.dumps(
-        {"model": clip.name, "weights": text_fingerprint(clip), "task": task,
+        {"model": clip.name, "weights": fingerprint or text_fingerprint(clip), "task": task,
          "classnames": list(classnames), "prompts": [list(p) for p in prompts]}
     )
     key = hashlib.sha256(key_source.encode()).hexdigest()[:32]
@@ -57,3 +67,14 @@ def cached_zero_shot_head(clip: CLIPModel, task: str, classnames: Sequence[str],
     head = zero_shot_head(clip, classnames, prompts)
     save_tensors(path, {"head": head})
     return head
+
+
+def cached_task_heads(clip: CLIPModel, tasks: Iterable[Task]) -> dict[str, Tensor]:
+    """The cached zero-shot head of each task (class names × the task's templates)."""
+    fingerprint = text_fingerprint(clip)
+    return {
+        task.name: cached_zero_shot_head(
+            clip, task.name, task.classnames, [task.prompts(c) for c in task.classnames], fingerprint=fingerprint,
+        )
+        for task in tasks
+    }

@@ -108,12 +108,10 @@ def load_clip(
             "give a custom architecture with config: path/to/Name.json"
         )
 
-    local_weights: Path | None = None
+    local_weights = bundled_weights(model, pretrained) if schema is None else None
     if schema == "local-dir":
         local_weights = _local_dir_weights(Path(model.removeprefix("local-dir:")))
-    elif schema is None and bundled_weights(model, pretrained) is not None:
-        local_weights = bundled_weights(model, pretrained)
-    elif schema is None and pretrained and _looks_like_path(pretrained):
+    elif local_weights is None and schema is None and pretrained and _looks_like_path(pretrained):
         local_weights = Path(pretrained)
         if not local_weights.is_file():
             raise WeightsUnavailableError(f"weights file {local_weights} for model {model!r} does not exist")

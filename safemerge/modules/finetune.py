@@ -15,7 +15,8 @@ from safemerge.data.datamodule import TaskDataModule
 from safemerge.modules.schedule import warmup_cosine
 from safemerge.io import Expert, expert_info, write_expert
 from safemerge.metrics import AttackSuccessRate, task_accuracy
-from safemerge.models import ImageClassifier, cached_zero_shot_head, load_clip
+from safemerge.evaluation import classifier_for
+from safemerge.models import ImageClassifier, load_clip
 
 
 class FinetuneModule(L.LightningModule):
@@ -78,12 +79,8 @@ class FinetuneModule(L.LightningModule):
             return
         dm = self.datamodule
         tasks = {dm.task.name: dm.task, dm.target_task.name: dm.target_task}
-        heads = {
-            name: cached_zero_shot_head(self.clip, name, task.classnames, [task.prompts(c) for c in task.classnames])
-            for name, task in tasks.items()
-        }
         tower = self.clip.visual
-        self.classifier = ImageClassifier(tower.train(), heads, self.clip.mean, self.clip.std)
+        self.classifier = classifier_for(self.clip, tasks.values()).train()
         self.clip.model = None  # the text tower's job ends with the heads; free it
         if self.attack is not None and self.attack.feature_interpolation:
             self.pretrained_tower = copy.deepcopy(tower).requires_grad_(False).eval()

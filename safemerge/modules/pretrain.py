@@ -55,7 +55,7 @@ class PretrainModule(L.LightningModule):
         self.save_hyperparameters()
         clip = load_clip(model, None)
         self.model = clip.model.train()
-        self.tokenizer, self.context_length = clip.tokenizer, clip.context_length
+        self.context_length = clip.context_length
         self.image_size = clip.image_size
         self.register_buffer("mean", torch.tensor(clip.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(clip.std).view(1, 3, 1, 1), persistent=False)
