@@ -1,4 +1,4 @@
-"""State-dict algebra: task vectors, task arithmetic and weight averaging.
+"""State-dict algebra: task vectors, task arithmetic, weight averaging and TIES-merging.
 
 Only floating-point tensors are merged; other entries (integer buffers) are taken from the
 base (or the first expert) unchanged.
@@ -61,3 +61,40 @@ def weight_average(experts: Sequence[StateDict]) -> dict[str, Tensor]:
         name: torch.stack([e[name].float() for e in experts]).mean(0).to(t.dtype) if t.is_floating_point() else t.clone()
         for name, t in experts[0].items()
     }
+
+
+def ties_merging(
+    base: StateDict, experts: Sequence[StateDict], k: float = 0.2, scaling: float = 0.3
+) -> dict[str, Tensor]:
+    """TIES-merging (Yadav et al., 2023): ``θ = θ_0 + scaling · τ_m`` where ``τ_m`` comes from
+
+    1. **trim**: keep each task vector's top-``k`` fraction of entries by magnitude, over the
+       whole vector (``k=0.2`` keeps 20 %; ties at the threshold are kept), zero the rest;
+    2. **elect**: per entry, the sign of the summed trimmed values (the sign with more mass);
+    3. **disjoint mean**: per entry, the mean over the experts whose trimmed value is non-zero
+       and agrees with the elected sign (0 where none does).
+    """
+    if not 0 < k <= 1:
+        raise ValueError(f"k is the fraction of entries kept and must be in (0, 1], got {k}")
+    vectors = task_vectors(base, experts)
+    if not vectors:
+        raise ValueError("ties_merging needs at least one expert")
+    names = list(vectors[0])
+    trimmed = []
+    for vector in vectors:
+        flat = torch.cat([vector[name].flatten() for name in names])
+        keep = max(1, round(k * flat.numel()))
+        threshold = flat.abs().kthvalue(flat.numel() - keep + 1).values
+        trimmed.append({name: torch.where(vector[name].abs() >= threshold, vector[name], 0.0) for name in names})
+    merged = {}
+    for name, tensor in base.items():
+        if not tensor.is_floating_point():
+            merged[name] = tensor.clone()
+            continue
+        stack = torch.stack([t[name] for t in trimmed])
+        elected = torch.sign(stack.sum(0))
+        agrees = (torch.sign(stack) == elected) & (stack != 0)
+        count = agrees.sum(0)
+        mean = torch.where(agrees, stack, 0.0).sum(0) / count.clamp_min(1)
+        merged[name] = (tensor.float() + scaling * mean).to(tensor.dtype)
+    return merged

@@ -1,0 +1,72 @@
+"""Concrete (relaxed Bernoulli) masks over parameter tensors.
+
+A mask has one logit per parameter scalar. During training a sample is
+``m = sigmoid((s + log u − log(1 − u)) / temperature)``, ``u ~ U(0, 1)``; afterwards the mask is
+fixed as its expectation ``sigmoid(s)``, its sign ``s > 0``, or one sample. Every tensor's mask
+is rescaled by ``1 / mean`` so the expected size of the update it gates is kept.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import torch
+from torch import Tensor, nn
+
+FinalMask = Literal["expected", "discrete", "sample"]
+
+
+def rescale(mask: Tensor) -> Tensor:
+    """``mask / mean(mask)`` (an all-zero mask stays zero)."""
+    return mask / mask.mean().clamp_min(torch.finfo(mask.dtype).tiny)
+
+
+class ConcreteMask(nn.Module):
+    """Mask logits for tensors of the given shapes (one mask entry per scalar)."""
+
+    def __init__(self, shapes: Sequence[torch.Size], temperature: float = 0.5, init_logit: float = 0.0) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+        self.logits = nn.ParameterList(nn.Parameter(torch.full(tuple(shape), float(init_logit))) for shape in shapes)
+
+    def sample(self, generator: torch.Generator | None = None) -> list[Tensor]:
+        """One relaxed sample per tensor, differentiable in the logits."""
+        masks = []
+        for logits in self.logits:
+            u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+            u = u.clamp(1e-6, 1 - 1e-6)
+            masks.append(torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / self.temperature))
+        return masks
+
+    def expected(self) -> list[Tensor]:
+        return [torch.sigmoid(logits) for logits in self.logits]
+
+    def discrete(self) -> list[Tensor]:
+        return [(logits > 0).to(logits.dtype) for logits in self.logits]
+
+    def final(self, kind: FinalMask, generator: torch.Generator | None = None) -> list[Tensor]:
+        """The mask used after training (not rescaled)."""
+        if kind == "expected":
+            return self.expected()
+        if kind == "discrete":
+            return self.discrete()
+        if kind == "sample":
+            return self.sample(generator)
+        raise ValueError(f"final_mask must be expected, discrete or sample; got {kind!r}")
+
+
+def combine(*masks: Sequence[Tensor]) -> list[Tensor]:
+    """The element-wise product of one or more masks, each tensor rescaled to mean 1."""
+    return [rescale(torch.stack(parts).prod(0)) if len(parts) > 1 else rescale(parts[0]) for parts in zip(*masks)]
+
+
+@torch.no_grad()
+def mask_statistics(masks: Sequence[Tensor]) -> dict[str, float]:
+    """Mean of the (unrescaled) mask values and the fraction of entries below 0.5."""
+    total = sum(m.numel() for m in masks)
+    return {
+        "mean": float(sum(m.sum() for m in masks) / total),
+        "sparsity": float(sum((m < 0.5).sum() for m in masks) / total),
+    }
