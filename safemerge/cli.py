@@ -42,6 +42,9 @@ class SafemergeCLI(LightningCLI):
 
     def _check_inputs(self) -> None:
         # Loggers (W&B) start writing as soon as the trainer runs: read every input first.
+        bind = getattr(self.datamodule, "bind", None)
+        if bind is not None:  # a merge's data serves the tasks and backdoors of its experts
+            bind(self.model)
         check = getattr(self.datamodule, "check_inputs", None)
         if check is not None:
             check()

@@ -134,3 +134,33 @@ def mini_pool(backdoored: bool = True, **recipe: Any) -> list[ExpertSpec]:
                    attack=MINI_BACKDOORS.get(task) if backdoored else None, **recipe)
         for task in mini_task_names()
     ]
+
+
+MINI_PREFIX = "mini:"
+
+
+def resolve_expert(reference: str, accelerator: str = "auto") -> Path:
+    """The expert directory a config names: a path, or a mini-pool expert fine-tuned on first use.
+
+    ``mini:<task>`` is the clean mini expert of ``<task>``; ``mini:<task>:backdoored`` its
+    backdoored twin from :data:`MINI_BACKDOORS`.
+    """
+    if not reference.startswith(MINI_PREFIX):
+        return Path(reference).expanduser()
+    from safemerge.data.mini import mini_task_names
+    from safemerge.errors import ConfigError
+
+    task, _, variant = reference.removeprefix(MINI_PREFIX).partition(":")
+    if task not in mini_task_names() or variant not in ("", "backdoored"):
+        raise ConfigError(
+            f"unknown mini expert {reference!r}: use mini:<task> or mini:<task>:backdoored with a task "
+            f"among {', '.join(mini_task_names())}"
+        )
+    if variant and task not in MINI_BACKDOORS:
+        raise ConfigError(
+            f"the mini pool has no backdoored expert for {task}; backdoored ones: "
+            + ", ".join(f"mini:{t}:backdoored" for t in MINI_BACKDOORS)
+        )
+    spec = ExpertSpec(task=task, model=MINI_MODEL, pretrained=MINI_WEIGHTS,
+                      attack=MINI_BACKDOORS[task] if variant else None, **MINI_RECIPE)
+    return ensure_expert(spec, accelerator=accelerator)

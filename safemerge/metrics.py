@@ -73,3 +73,25 @@ class AttackSuccessRate(Metric):
 def task_accuracy(num_classes: int) -> MulticlassAccuracy:
     """Top-1 accuracy over all samples of a task (micro average, sum states)."""
     return MulticlassAccuracy(num_classes=num_classes, average="micro", top_k=1)
+
+
+class PredictionShare(Metric):
+    """The largest share of predictions that goes to one class.
+
+    ``1 / num_classes`` for balanced predictions, 1.0 when every prediction is the same class:
+    the signature of a merge whose predictions collapse (e.g. onto a backdoor's target).
+    """
+
+    full_state_update = False
+
+    def __init__(self, num_classes: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.num_classes = num_classes
+        self.add_state("counts", default=torch.zeros(num_classes, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: Tensor) -> None:
+        self.counts += torch.bincount(_labels(preds), minlength=self.num_classes)
+
+    def compute(self) -> Tensor:
+        total = self.counts.sum()
+        return self.counts.max().float() / total if total else torch.tensor(float("nan"))

@@ -35,3 +35,263 @@ def test_mismatched_experts_are_rejected():
         task_vectors(BASE, [{"w": torch.zeros(2), "steps": torch.tensor(7)}])
     with pytest.raises(ValueError, match="missing \\['steps'\\]"):
         task_vectors(BASE, [{"w": torch.zeros(3)}])
+
+
+# ----------------------------------------------------------------------------- TIES
+
+
+def test_ties_trims_over_the_whole_vector_elects_by_mass_and_takes_the_disjoint_mean():
+    from safemerge.merging import ties_merging
+
+    base = {"a": torch.ones(2), "b": torch.ones(2), "step": torch.tensor(3)}
+
+    def expert(values):
+        return {"a": 1 + torch.tensor(values[:2]), "b": 1 + torch.tensor(values[2:]), "step": torch.tensor(3)}
+
+    # Task vectors; k = 0.5 keeps each vector's 2 largest magnitudes of 4 (over both tensors:
+    # A keeps 3 and -2.5, both in "a"; a per-tensor trim would keep 0.5 in "b").
+    a = expert([3.0, -2.5, 0.5, -0.1])  # trimmed [3, -2.5, 0, 0]
+    b = expert([-4.0, -2.0, 4.0, 1.0])  # trimmed [-4, 0, 4, 0]
+    c = expert([2.0, 1.0, -0.2, -3.0])  # trimmed [2, 0, 0, -3]
+    # elected signs from the sums [1, -2.5, 4, -3]: + - + -
+    # disjoint means: (3 + 2) / 2 (B disagrees), -2.5, 4, -3
+    merged = ties_merging(base, [a, b, c], k=0.5, scaling=0.5)
+    assert torch.allclose(merged["a"], torch.tensor([1 + 0.5 * 2.5, 1 - 0.5 * 2.5]))
+    assert torch.allclose(merged["b"], torch.tensor([1 + 0.5 * 4.0, 1 - 0.5 * 3.0]))
+    assert merged["step"].item() == 3
+
+
+def test_ties_with_everything_kept_and_no_conflict_is_the_mean_task_vector():
+    from safemerge.merging import ties_merging
+
+    merged = ties_merging(BASE, [A, A], k=1.0, scaling=1.0)
+    assert torch.allclose(merged["w"], A["w"])
+    with pytest.raises(ValueError, match="fraction"):
+        ties_merging(BASE, [A], k=0.0)
+
+
+# ----------------------------------------------------------------------------- merged encoder
+
+
+class Tower(torch.nn.Module):
+    """A small tower with a buffer, to check the functional forward against a plain one."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer1 = torch.nn.Linear(6, 5)
+        self.norm = torch.nn.LayerNorm(5)
+        self.layer2 = torch.nn.Linear(5, 4)
+        self.register_buffer("count", torch.tensor(0))
+
+    def forward(self, x):
+        return self.layer2(torch.relu(self.norm(self.layer1(x.flatten(1)))))
+
+
+def _experts(tower, n=3, scale=0.1, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    base = tower.state_dict()
+    return [
+        {k: v + scale * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v.clone() for k, v in base.items()}
+        for _ in range(n)
+    ]
+
+
+def test_merged_weights_equal_task_arithmetic_and_layerwise_and_masked_by_hand():
+    from safemerge.merging import MergedEncoder
+
+    torch.manual_seed(0)
+    tower = Tower()
+    base = {k: v.clone() for k, v in tower.state_dict().items()}
+    experts = _experts(tower)
+    encoder = MergedEncoder(tower, experts)
+    assert encoder.names == [k for k, v in base.items() if v.is_floating_point()]
+    taskwise = encoder.weights(torch.tensor([0.2, 0.3, 0.5]))
+    reference = task_arithmetic(base, experts, [0.2, 0.3, 0.5])
+    for name in base:
+        assert torch.allclose(taskwise[name], reference[name], atol=1e-6)
+
+    layerwise = torch.rand(3, encoder.num_tensors)
+    mask = [torch.rand(shape) for shape in encoder.shapes]
+    merged = encoder.weights(layerwise, mask)
+    for index, name in enumerate(encoder.names):
+        update = sum(layerwise[i, index] * (experts[i][name] - base[name]) for i in range(3))
+        assert torch.allclose(merged[name], base[name] + mask[index] * update, atol=1e-6)
+    assert torch.equal(merged["count"], base["count"])
+    for name in base:  # the template tower is never written
+        assert torch.equal(tower.state_dict()[name], base[name])
+    expert = encoder.expert_weights(1)
+    assert all(torch.allclose(expert[n], experts[1][n], atol=1e-6) for n in base)
+
+
+def test_functional_forward_matches_a_plain_tower_loaded_with_the_merged_weights():
+    from safemerge.merging import MergedEncoder
+
+    torch.manual_seed(1)
+    tower = Tower()
+    encoder = MergedEncoder(tower, _experts(tower))
+    weights = encoder.weights(torch.rand(3, encoder.num_tensors))
+    images = torch.rand(7, 6)
+    plain = Tower()
+    plain.load_state_dict({k: v.detach() for k, v in weights.items()})
+    assert torch.allclose(encoder(images, weights), plain(images), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- masks, perturbations
+
+
+def test_concrete_mask_samples_expectation_and_rescaling():
+    from safemerge.merging import ConcreteMask
+    from safemerge.merging.masks import combine, rescale
+
+    mask = ConcreteMask([torch.Size([50, 40]), torch.Size([7])], temperature=0.5)
+    samples = mask.sample(torch.Generator().manual_seed(3))
+    again = mask.sample(torch.Generator().manual_seed(3))
+    assert all(torch.equal(s, t) for s, t in zip(samples, again))  # a seeded sample is reproducible
+    assert all(((s > 0) & (s < 1)).all() for s in samples)
+    # logits 0: each entry is sigmoid(logistic noise / T), symmetric around 0.5
+    assert abs(float(samples[0].detach().mean()) - 0.5) < 0.05
+    assert all(torch.allclose(m, torch.full_like(m, 0.5)) for m in mask.expected())
+    assert all(not m.any() for m in mask.discrete())  # logits 0 are not > 0
+    for m in combine(samples, samples):
+        assert torch.allclose(m.mean(), torch.tensor(1.0))
+    s = samples[0]
+    assert torch.allclose(combine(samples, samples)[0], rescale(s * s))
+    assert torch.equal(rescale(torch.zeros(3)), torch.zeros(3))
+
+
+def test_perturbation_stays_within_budget_and_pixel_range():
+    from safemerge.merging import UniversalPerturbation
+
+    perturbation = UniversalPerturbation(["a", "b"], image_size=8, eps=0.05)
+    optimizer = torch.optim.SGD(perturbation.parameters(), lr=10.0)
+    images = torch.rand(4, 3, 8, 8)
+    for _ in range(3):
+        loss = -perturbation.apply(images, "a").sum() + perturbation.apply(images, "b").sum()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        perturbation.project_()
+    for task in ("a", "b"):
+        assert float(perturbation.delta(task).abs().max()) == pytest.approx(0.05)
+        out = perturbation.apply(images, task)
+        assert out.min() >= 0 and out.max() <= 1
+    with pytest.raises(ValueError, match="budget"):
+        UniversalPerturbation(["a"], 8, eps=0.0)
+
+
+# ----------------------------------------------------------------------------- learner
+
+
+class ImageTower(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(3 * 4 * 4, 8)
+        self.out = torch.nn.Linear(8, 6)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.proj(x.flatten(1))))
+
+
+def _learner(method, seed=0):
+    from safemerge.merging import MergedEncoder
+    from safemerge.merging.learner import MergeLearner
+    from safemerge.models import ImageClassifier
+
+    torch.manual_seed(0)
+    tower = ImageTower()
+    experts = _experts(tower, n=2, scale=0.3)
+    heads = {t: torch.nn.functional.normalize(torch.randn(c, 6), dim=-1) * 20 for t, c in (("x", 3), ("y", 5))}
+    classifier = ImageClassifier(tower, heads, [0.5] * 3, [0.25] * 3)
+    encoder = MergedEncoder(tower, experts)
+    return MergeLearner(encoder, classifier, method, ["x", "y"], image_size=4, seed=seed)
+
+
+def _batch(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return {t: torch.rand(6, 3, 4, 4, generator=generator) for t in ("x", "y")}
+
+
+def test_gradients_reach_the_coefficients_and_the_mask_and_nothing_else():
+    from safemerge.merging import DAMAdaMerging
+
+    learner = _learner(DAMAdaMerging(granularity="layer", steps=5, adamerging_steps=0))
+    tower = learner.encoder.tower
+    sample = learner.mask.sample(torch.Generator().manual_seed(0))
+    from safemerge.merging.masks import combine
+
+    weights = learner.encoder.weights(learner.coefficients, combine(sample))
+    loss = sum(l.logsumexp(-1).sum() for l in learner.logits(weights, _batch()).values())
+    loss.backward()
+    with_grad = {name for name, p in learner.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert with_grad == {"coefficients", *(f"mask.logits.{i}" for i in range(learner.encoder.num_tensors))}
+    assert all(not p.requires_grad and p.grad is None for p in tower.parameters())
+    assert all(p.grad is None for p in learner.perturbation.parameters())
+
+
+def test_every_learned_method_trains_its_own_parts_deterministically():
+    from safemerge.merging import (
+        AdaMerging, ConcreteAdaMerging, ConcreteTaskArithmetic, DAMAdaMerging, DAMTaskArithmetic,
+    )
+
+    methods = [
+        AdaMerging(granularity="task", adamerging_steps=3),
+        ConcreteTaskArithmetic(steps=3),
+        ConcreteAdaMerging(granularity="layer", steps=2, adamerging_steps=2),
+        DAMTaskArithmetic(steps=3, safety_loss="consistency", perturbation_eps=0.02, perturbation_lr=0.1),
+        DAMAdaMerging(granularity="task", steps=2, adamerging_steps=1, masks="dual", perturbation_eps=0.02),
+    ]
+    for method in methods:
+        runs = []
+        for _ in range(2):
+            learner = _learner(method)
+            initial = {k: v.detach().clone() for k, v in learner.state_dict().items()}
+            optimizers = learner.make_optimizers()
+            for step in range(method.total_steps):
+                learner.training_step(step, _batch(step), optimizers)
+            runs.append(learner.state_dict())
+        changed = {k for k in runs[0] if not torch.equal(runs[0][k], initial[k])}
+        learns_lambda = method.granularity is not None
+        assert ("coefficients" in changed) == learns_lambda, method
+        assert any(k.startswith("mask.") for k in changed) == method.has_mask, method
+        assert any(k.startswith("perturbation.") for k in changed) == method.defense, method
+        assert any(k.startswith("safety_mask.") for k in changed) == (getattr(method, "masks", "") == "dual"), method
+        assert not any(k.startswith("encoder.") for k in changed), method
+        assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0]), f"{method.name} is not reproducible"
+        if method.defense:
+            assert all(float(d.abs().max()) <= method.perturbation_eps + 1e-7 for d in learner.perturbation.deltas)
+
+
+def test_final_mask_choices():
+    from safemerge.merging import ConcreteTaskArithmetic
+
+    learner = _learner(ConcreteTaskArithmetic(steps=1, final_mask="discrete"))
+    with torch.no_grad():
+        for logits in learner.mask.logits:
+            logits.copy_(torch.randn(logits.shape))
+    discrete = learner.final_mask()
+    for logits, mask in zip(learner.mask.logits, discrete):
+        kept = logits > 0
+        assert torch.allclose(mask[kept], torch.full_like(mask[kept], 1 / kept.float().mean()))
+        assert not mask[~kept].any()
+    learner.method.final_mask = "sample"
+    assert all(torch.equal(a, b) for a, b in zip(learner.final_mask(), learner.final_mask()))  # seeded
+    learner.method.final_mask = "expected"
+    for logits, mask in zip(learner.mask.logits, learner.final_mask()):
+        expected = torch.sigmoid(logits)
+        assert torch.allclose(mask, expected / expected.mean())
+
+
+def test_method_arguments_are_checked():
+    from safemerge.errors import ConfigError
+    from safemerge.merging import AdaMerging, DAMTaskArithmetic, Ties
+
+    with pytest.raises(ConfigError, match="granularity"):
+        AdaMerging(granularity="row")
+    with pytest.raises(ConfigError, match="safety_loss"):
+        DAMTaskArithmetic(safety_loss="kl")
+    with pytest.raises(ConfigError, match="perturbation_eps"):
+        DAMTaskArithmetic(perturbation_eps=2.0)
+    with pytest.raises(ConfigError, match="nothing to train"):
+        AdaMerging(adamerging_steps=0)
+    with pytest.raises(ConfigError, match="k is the fraction"):
+        Ties(k=1.5)

@@ -181,6 +181,10 @@ class MergeLearner(nn.Module):
         logs.update(entropy=float(performance.detach()), safety_loss=float(safety.detach()))
         return logs
 
+    def learned_state(self) -> dict[str, Tensor]:
+        """λ, the mask logits and the perturbations (everything but the frozen encoder)."""
+        return {k: v.detach() for k, v in self.state_dict().items() if not k.startswith("encoder.")}
+
     # ------------------------------------------------------------------ statistics
 
     @torch.no_grad()

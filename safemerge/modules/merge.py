@@ -1,0 +1,366 @@
+"""Merging experts: one LightningModule for every method, the method a strategy object."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from safemerge.attacks import Trigger
+from safemerge.data.registry import get_task
+from safemerge.errors import CheckpointError, ConfigError, SafemergeError
+from safemerge.evaluation import Backdoor, classifier_for
+from safemerge.experts import resolve_expert
+from safemerge.io import Expert, expert_info, read_expert, save_tensors, write_expert
+from safemerge.merging import LearnedMerge, MergedEncoder, MergeMethod, StaticMerge
+from safemerge.merging.learner import MergeLearner
+from safemerge.metrics import AttackSuccessRate, PredictionShare, task_accuracy
+from safemerge.models import load_clip
+from safemerge.report import build_report, report_markdown, write_report
+
+log = logging.getLogger(__name__)
+
+LEARNED_FILE = "learned.safetensors"
+
+
+class MergeModule(L.LightningModule):
+    """Merge the image towers of N experts into one multi-task tower, then report ACC and ASR.
+
+    ``fit`` validates the experts, builds their task vectors, trains what the method learns on
+    unlabeled adaptation batches of every task (:class:`~safemerge.data.MergeDataModule`),
+    and the CLI then tests: clean accuracy of every task, ASR of every backdoor recorded in the
+    experts' ``expert.json`` (also one targeting another expert's task), each expert's own
+    accuracy. ``report.json``, ``report.md`` and ``merged/`` (the merged tower as an expert
+    directory) are written to ``output_dir``.
+
+    Args:
+        experts: expert directories, or mini-pool experts (``mini:<task>``,
+            ``mini:<task>:backdoored``), fine-tuned and cached on first use.
+        method: the merging method (``safemerge.merging.TaskArithmetic``, ``Ties``,
+            ``AdaMerging``, ``DAMAdaMerging``, ...).
+        model: open_clip architecture of the base; None takes the experts'.
+        pretrained: pretrained weights of the base; None takes the experts'.
+        model_config: JSON file of a custom open_clip architecture named ``model``.
+        output_dir: where the report and the merged tower are written; None writes nothing.
+    """
+
+    def __init__(
+        self,
+        experts: list[str],
+        method: MergeMethod,
+        model: str | None = None,
+        pretrained: str | None = None,
+        model_config: str | None = None,
+        output_dir: str | None = "outputs/merge",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["method"])
+        self.automatic_optimization = False
+        if not experts:
+            raise ConfigError("no experts to merge: list expert directories (or mini:<task>) under model.init_args.experts")
+        self.method = method
+        self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        self._start = time.time()
+
+        pool = [(ref, _read(ref)) for ref in experts]
+        model, pretrained = _common_base(pool, model, pretrained)
+        self.clip = load_clip(model, pretrained, config=model_config)
+        self.image_size = self.clip.image_size
+        base = self.clip.visual.state_dict()
+        _validate(pool, base)
+
+        self.expert_names = [ref for ref, _ in pool]
+        self.task_names = [expert.task for _, expert in pool]
+        self.backdoors, self.backdoor_info = _backdoors(pool, self.task_names)
+        tasks = [get_task(t) for t in self.task_names]
+        self.classifier = classifier_for(self.clip, tasks)
+        self.clip.model = None  # the text tower's job ends with the heads
+        states = [expert.encoder for _, expert in pool]
+        self.encoder = MergedEncoder(self.classifier.tower, states)
+        self.learner: MergeLearner | None = None
+        self.static_weights: dict[str, Tensor] | None = None
+        if isinstance(method, LearnedMerge):
+            self.learner = MergeLearner(self.encoder, self.classifier, method, self.task_names, self.image_size, self.seed)
+        elif isinstance(method, StaticMerge):
+            self.static_weights = method.merge(base, states)
+        else:
+            raise ConfigError(f"method must be a safemerge.merging method, got {type(method).__name__}")
+        del pool, states
+        self._metrics_for("val")
+        self._metrics_for("test")
+        self._eval_weights: dict[str, Tensor] | None = None
+        self._expert_weights: tuple[int, dict[str, Tensor]] | None = None
+
+    # ------------------------------------------------------------------ set-up
+
+    @property
+    def adaptation_steps(self) -> int:
+        return self.method.total_steps if self.learner is not None else 0
+
+    def _metrics_for(self, stage: str) -> None:
+        tasks = [get_task(t) for t in self.task_names]
+        setattr(self, f"{stage}_acc", nn.ModuleList(task_accuracy(t.num_classes) for t in tasks))
+        setattr(self, f"{stage}_share", nn.ModuleList(PredictionShare(t.num_classes) for t in tasks))
+        setattr(self, f"{stage}_asr", nn.ModuleList(AttackSuccessRate(b.target_class) for b in self.backdoors))
+        if stage == "test":
+            self.expert_acc = nn.ModuleList(task_accuracy(t.num_classes) for t in tasks)
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            # One pass over the adaptation stream is the whole training: its length is the method's steps.
+            self.trainer.fit_loop.max_epochs = 1
+        # Under DDP (which wraps the module after this hook) only the learned tensors are DDP's
+        # business; the frozen ones (base, task vectors, heads: most of the memory) are
+        # identical on every rank and must not be broadcast at every forward.
+        learned = {id(p) for p in self.parameters() if p.requires_grad}
+        self._ddp_params_and_buffers_to_ignore = [
+            name for name, tensor in [*self.named_parameters(), *self.named_buffers()] if id(tensor) not in learned
+        ]
+
+    def configure_optimizers(self):
+        if self.learner is None:
+            return None
+        optimizers = self.learner.make_optimizers()
+        self._optimizer_names = list(optimizers)
+        return list(optimizers.values())
+
+    # ------------------------------------------------------------------ training
+
+    def _reduce(self, tensor: Tensor) -> Tensor:
+        # Average a gradient over processes: every rank then takes the same optimizer step.
+        return self.trainer.strategy.reduce(tensor, reduce_op="mean") if self.trainer.world_size > 1 else tensor
+
+    def on_train_start(self) -> None:
+        model = self.trainer.model
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            # Gradients are reduced explicitly, per phase (torch.autograd.grad, then _reduce):
+            # DDP must not expect its own backward pass.
+            model.require_backward_grad_sync = False
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        named = dict(zip(self._optimizer_names, optimizers))
+        losses = self.learner.training_step(batch_idx, batch, named, reduce=self._reduce)
+        size = sum(len(x) for x in batch.values())
+        stage = self.method.stage(batch_idx)
+        self.log_dict({f"train/{stage}/{k}": v for k, v in losses.items()}, batch_size=size, prog_bar=False)
+        if batch_idx % self.trainer.log_every_n_steps == 0 or batch_idx == self.adaptation_steps - 1:
+            self.log_dict({f"train/{k}": v for k, v in self.learner.statistics().items()}, batch_size=size)
+
+    def merged_weights(self) -> dict[str, Tensor]:
+        """The merged tower's weights now (what would be exported)."""
+        if self.learner is not None:
+            return self.learner.merged_weights()
+        return {k: v.to(self.device) for k, v in self.static_weights.items()}
+
+    # ------------------------------------------------------------------ evaluation
+
+    def _logits(self, images: Tensor, weights: dict[str, Tensor], task: str) -> Tensor:
+        features = F.normalize(self.encoder(self.classifier.normalize(images), weights), dim=-1)
+        return self.classifier.logits(features, task)
+
+    def _on_eval_start(self) -> None:
+        self._eval_weights = self.merged_weights()
+        self._expert_weights = None
+
+    on_validation_epoch_start = on_test_epoch_start = _on_eval_start
+
+    def _eval_step(self, stage: str, batch, dataloader_idx: int) -> None:
+        images, labels = batch
+        num_tasks = len(self.task_names)
+        if dataloader_idx < num_tasks:
+            task = self.task_names[dataloader_idx]
+            logits = self._logits(images, self._eval_weights, task)
+            getattr(self, f"{stage}_acc")[dataloader_idx].update(logits, labels)
+            getattr(self, f"{stage}_share")[dataloader_idx].update(logits)
+            if stage == "test":
+                self.expert_acc[dataloader_idx].update(self._logits(images, self._expert(dataloader_idx), task), labels)
+        else:
+            index = dataloader_idx - num_tasks
+            logits = self._logits(images, self._eval_weights, self.backdoors[index].target_task)
+            getattr(self, f"{stage}_asr")[index].update(logits, labels)
+
+    def _expert(self, index: int) -> dict[str, Tensor]:
+        if self._expert_weights is None or self._expert_weights[0] != index:
+            self._expert_weights = (index, {k: v.detach() for k, v in self.encoder.expert_weights(index).items()})
+        return self._expert_weights[1]
+
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("val", batch, dataloader_idx)
+
+    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("test", batch, dataloader_idx)
+
+    def _compute(self, stage: str) -> dict[str, dict[str, float | None]]:
+        """Per task: accuracy, prediction share, ASR (mean over the backdoors targeting it)."""
+        results, asr = {}, [_value(m) for m in getattr(self, f"{stage}_asr")]
+        for i, task in enumerate(self.task_names):
+            rates = [r for r, b in zip(asr, self.backdoors) if b.target_task == task]
+            results[task] = {
+                "accuracy": _value(getattr(self, f"{stage}_acc")[i]),
+                "share": _value(getattr(self, f"{stage}_share")[i]),
+                "asr": sum(rates) / len(rates) if rates else None,
+            }
+            if stage == "test":
+                results[task]["expert_accuracy"] = _value(self.expert_acc[i])
+        self._backdoor_asr = asr
+        return results
+
+    def _log_results(self, stage: str, results: dict[str, dict[str, float | None]]) -> None:
+        metrics = {}
+        for task, r in results.items():
+            metrics[f"{stage}/{task}/acc"] = r["accuracy"]
+            metrics[f"{stage}/{task}/top_class_share"] = r["share"]
+            if r["asr"] is not None:
+                metrics[f"{stage}/{task}/asr"] = r["asr"]
+        metrics[f"{stage}/avg/acc"] = sum(r["accuracy"] for r in results.values()) / len(results)
+        rates = [r["asr"] for r in results.values() if r["asr"] is not None]
+        if rates:
+            metrics[f"{stage}/avg/asr"] = sum(rates) / len(rates)
+        self.log_dict(metrics, rank_zero_only=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_results("val", self._compute("val"))
+        self._eval_weights = None
+
+    def on_test_epoch_end(self) -> None:
+        results = self._compute("test")
+        self._log_results("test", results)
+        report = build_report(
+            self.method.name, results, config=self._config(), runtime_s=time.time() - self._start,
+            backdoors=[{**info, "asr": asr} for info, asr in zip(self.backdoor_info, self._backdoor_asr)],
+        )
+        self._log_table(report)
+        if self.trainer.is_global_zero:
+            if self.hparams.output_dir:
+                self.export(Path(self.hparams.output_dir), report)
+            print(report_markdown(report))
+        self._eval_weights = None
+
+    def _config(self) -> dict:
+        return {
+            "method": self.method.describe(), "experts": self.expert_names, "model": self.hparams.model or self.clip.name,
+            "pretrained": self.clip.pretrained, "seed": self.seed, "adaptation_steps": self.adaptation_steps,
+            "world_size": self.trainer.world_size if self._trainer else 1,
+        }
+
+    def _log_table(self, report: dict) -> None:
+        logger = self.logger
+        if logger is None or not hasattr(logger, "log_table") or not self.trainer.is_global_zero:
+            return
+        columns = ["task", "accuracy", "asr", "expert_accuracy", "normalized_accuracy"]
+        rows = [[task] + [r[c] for c in columns[1:]] for task, r in report["tasks"].items()]
+        logger.log_table(key="test/report", columns=columns, data=rows)
+
+    def export(self, directory: Path, report: dict) -> None:
+        """Write ``report.json``, ``report.md`` and ``merged/`` (an expert directory)."""
+        weights = {k: v.detach().cpu() for k, v in self._eval_weights.items()}
+        tasks = [get_task(t) for t in self.task_names]
+        info = expert_info(
+            model=self.clip.name, pretrained=self.clip.pretrained, task="+".join(self.task_names),
+            num_classes=sum(t.num_classes for t in tasks), backdoor=None,
+            metrics={"accuracy": report["average"]["accuracy"], "asr": report["average"]["asr"]},
+            image_size=self.image_size, tasks=self.task_names, method=self.method.name,
+        )
+        write_expert(directory / "merged", Expert(encoder=weights, info=info))
+        if self.learner is not None:  # λ, mask logits and perturbations, for inspection
+            save_tensors(directory / LEARNED_FILE, self.learner.learned_state())
+        write_report(directory, report)
+
+
+# ----------------------------------------------------------------------------- expert pool
+
+
+def _value(metric) -> float | None:
+    value = float(metric.compute())
+    metric.reset()
+    return None if math.isnan(value) else value
+
+
+def _read(reference: str) -> Expert:
+    try:
+        return read_expert(resolve_expert(reference))
+    except CheckpointError as err:
+        raise CheckpointError(f"expert {reference!r}: {err}") from None
+
+
+def _common_base(pool: list[tuple[str, Expert]], model: str | None, pretrained: str | None) -> tuple[str, str | None]:
+    """The pretrained model every expert was fine-tuned from (and the base, if given, is)."""
+    first_ref, first = pool[0]
+    explicit = model is not None or pretrained is not None
+    base = (model or first.info["model"], pretrained if pretrained is not None else first.info.get("pretrained"))
+    for ref, expert in pool:
+        origin = (expert.info["model"], expert.info.get("pretrained"))
+        if origin == base:
+            continue
+        if explicit:
+            raise ConfigError(
+                f"expert {ref!r} was fine-tuned from {origin[0]} ({origin[1]}), but the base is {base[0]} ({base[1]}): "
+                "task vectors only make sense against the experts' own pretrained model"
+            )
+        raise ConfigError(
+            f"the experts come from different pretrained models: {ref!r} from {origin[0]} ({origin[1]}), "
+            f"{first_ref!r} from {base[0]} ({base[1]}); merge experts fine-tuned from one pretrained model"
+        )
+    return base
+
+
+def _validate(pool: list[tuple[str, Expert]], base: dict[str, Tensor]) -> None:
+    """Every expert: a known task, one expert per task, the base's tensors, finite values."""
+    seen: dict[str, str] = {}
+    for ref, expert in pool:
+        info = expert.info
+        try:
+            task = get_task(info["task"])
+        except SafemergeError as err:
+            raise ConfigError(f"expert {ref!r}: {err}") from None
+        if info["num_classes"] != task.num_classes:
+            raise ConfigError(
+                f"expert {ref!r} has {info['num_classes']} classes but task {task.name} has {task.num_classes}"
+            )
+        if task.name in seen:
+            raise ConfigError(f"experts {seen[task.name]!r} and {ref!r} are both for task {task.name}: keep one per task")
+        seen[task.name] = ref
+        missing, unexpected = sorted(base.keys() - expert.encoder.keys()), sorted(expert.encoder.keys() - base.keys())
+        if missing or unexpected:
+            raise CheckpointError(
+                f"expert {ref!r} does not match the base's image tower: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
+        for name, tensor in expert.encoder.items():
+            if tensor.shape != base[name].shape:
+                raise CheckpointError(
+                    f"expert {ref!r}: tensor {name!r} has shape {tuple(tensor.shape)}, the base's is {tuple(base[name].shape)}"
+                )
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise CheckpointError(f"expert {ref!r}: tensor {name!r} has {bad} non-finite values (NaN or inf)")
+
+
+def _backdoors(pool: list[tuple[str, Expert]], tasks: list[str]) -> tuple[list[Backdoor], list[dict]]:
+    """The backdoors recorded in the experts, with their triggers; those whose target task is
+    not merged cannot be measured (no head) and are skipped with a warning."""
+    backdoors, infos = [], []
+    for ref, expert in pool:
+        backdoor = expert.backdoor
+        if not backdoor:
+            continue
+        target = backdoor.get("target_task") or expert.task
+        if target not in tasks:
+            log.warning("expert %s: its backdoor targets task %s, which is not merged; its ASR is not measured", ref, target)
+            continue
+        if expert.trigger is None:
+            raise CheckpointError(
+                f"expert {ref!r} records a backdoor but has no trigger.safetensors: its ASR cannot be measured"
+            )
+        backdoors.append(Backdoor(Trigger.from_tensors(expert.trigger), target, int(backdoor["target_class"])))
+        infos.append({"expert": ref, "attack": backdoor.get("attack"), "target_task": target,
+                      "target_class": int(backdoor["target_class"])})
+    return backdoors, infos

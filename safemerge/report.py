@@ -1,0 +1,201 @@
+"""Merge reports: ``report.json`` / ``report.md`` of one run, and comparisons across runs.
+
+    python -m safemerge.report RUN_A/report.json RUN_B/report.json ... [--plot asr_vs_acc.png]
+
+prints one table (runs of the same method, e.g. several seeds, are summarised as mean ± std)
+and saves a plot of average ASR against average accuracy, one point per method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from safemerge.errors import CheckpointError
+from safemerge.io import read_json, write_json, write_text
+
+REPORT_FORMAT = "safemerge-report/1"
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
+
+
+def build_report(
+    method: str, results: Mapping[str, Mapping[str, float | None]], *, config: Mapping[str, Any],
+    runtime_s: float, backdoors: Sequence[Mapping[str, Any]] = (),
+) -> dict[str, Any]:
+    """The ``report.json`` document of the contract.
+
+    ``results``: per task ``accuracy``, ``asr`` (None without a backdoor on it) and
+    ``expert_accuracy`` (None if unknown); normalized accuracy is derived here.
+    """
+    tasks = {}
+    for task, r in results.items():
+        expert = r.get("expert_accuracy")
+        tasks[task] = {
+            "accuracy": r["accuracy"], "asr": r.get("asr"), "expert_accuracy": expert,
+            "normalized_accuracy": r["accuracy"] / expert if expert else None,
+        }
+    average = {key: _mean([t[key] for t in tasks.values()]) for key in ("accuracy", "asr", "normalized_accuracy")}
+    return {
+        "format": REPORT_FORMAT, "method": method, "tasks": tasks, "average": average,
+        "backdoors": list(backdoors), "config": dict(config), "runtime_s": runtime_s,
+    }
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f}"
+
+
+def report_markdown(report: Mapping[str, Any]) -> str:
+    """One run's report as a markdown table (percentages)."""
+    lines = [
+        f"# {report['method']}", "",
+        "| task | accuracy | ASR | expert accuracy | normalized accuracy |", "|---|---|---|---|---|",
+    ]
+    rows = [*report["tasks"].items(), ("**average**", report["average"])]
+    for task, r in rows:
+        lines.append(
+            f"| {task} | {_pct(r['accuracy'])} | {_pct(r['asr'])} | {_pct(r.get('expert_accuracy'))} "
+            f"| {_pct(r['normalized_accuracy'])} |"
+        )
+    if report.get("backdoors"):
+        lines += ["", "| backdoor (expert) | attack | target | ASR |", "|---|---|---|---|"]
+        for b in report["backdoors"]:
+            lines.append(f"| {b['expert']} | {b['attack']} | {b['target_task']}:{b['target_class']} | {_pct(b['asr'])} |")
+    lines += ["", f"Runtime: {report['runtime_s']:.0f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(directory: str | Path, report: Mapping[str, Any]) -> None:
+    directory = Path(directory)
+    write_json(directory / "report.json", report)
+    write_text(directory / "report.md", report_markdown(report))
+
+
+def read_report(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "report.json"
+    report = read_json(path)
+    if not isinstance(report, dict) or report.get("format") != REPORT_FORMAT:
+        raise CheckpointError(f"{path} is not a safemerge report (format {REPORT_FORMAT!r})")
+    return report
+
+
+# ----------------------------------------------------------------------------- comparisons
+
+
+def _stat(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    known = [v for v in values if v is not None]
+    if not known:
+        return None, None
+    return statistics.fmean(known), statistics.stdev(known) if len(known) > 1 else 0.0
+
+
+def summarize(reports: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per method (in first-seen order): number of runs, and mean and std of every task's
+    accuracy and ASR and of the averages."""
+    by_method: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for report in reports:
+        by_method[report["method"]].append(report)
+    summary = {}
+    for method, runs in by_method.items():
+        tasks = list(runs[0]["tasks"])
+        entry = {"runs": len(runs), "tasks": {}, "average": {}}
+        for task in tasks:
+            entry["tasks"][task] = {
+                key: _stat([r["tasks"].get(task, {}).get(key) for r in runs]) for key in ("accuracy", "asr")
+            }
+        for key in ("accuracy", "asr", "normalized_accuracy"):
+            entry["average"][key] = _stat([r["average"][key] for r in runs])
+        summary[method] = entry
+    return summary
+
+
+def _cell(stat: tuple[float | None, float | None], runs: int) -> str:
+    mean, std = stat
+    if mean is None:
+        return "—"
+    return f"{100 * mean:.1f} ± {100 * std:.1f}" if runs > 1 else f"{100 * mean:.1f}"
+
+
+def comparison_table(summary: Mapping[str, Mapping[str, Any]]) -> str:
+    """Markdown: one row per method; per task ``ACC`` (and ``ASR`` where a backdoor targets
+    it), then the averages; mean ± std over runs."""
+    tasks: list[str] = []
+    for entry in summary.values():
+        tasks += [t for t in entry["tasks"] if t not in tasks]
+    attacked = [t for t in tasks if any(e["tasks"].get(t, {}).get("asr", (None,))[0] is not None for e in summary.values())]
+    header = ["method", "runs"] + [f"{t} ACC" for t in tasks] + [f"{t} ASR" for t in attacked] + ["avg ACC", "avg ASR", "avg norm. ACC"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, entry in summary.items():
+        runs = entry["runs"]
+        missing = (None, None)
+        cells = [method, str(runs)]
+        cells += [_cell(entry["tasks"].get(t, {}).get("accuracy", missing), runs) for t in tasks]
+        cells += [_cell(entry["tasks"].get(t, {}).get("asr", missing), runs) for t in attacked]
+        cells += [_cell(entry["average"][k], runs) for k in ("accuracy", "asr", "normalized_accuracy")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_asr_vs_accuracy(summary: Mapping[str, Mapping[str, Any]], path: str | Path) -> None:
+    """Average ASR against average accuracy, one point per method (error bars: std over runs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4.5))
+    for method, entry in summary.items():
+        (acc, acc_std), (asr, asr_std) = entry["average"]["accuracy"], entry["average"]["asr"]
+        if acc is None or asr is None:
+            continue
+        axes.errorbar(100 * acc, 100 * asr, xerr=100 * acc_std, yerr=100 * asr_std, fmt="o", capsize=3, label=method)
+        axes.annotate(method, (100 * acc, 100 * asr), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    axes.set_xlabel("average clean accuracy (%)")
+    axes.set_ylabel("average attack success rate (%)")
+    axes.set_title("Merging methods: ASR against accuracy (lower right is better)")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(tmp, dpi=150)
+    plt.close(figure)
+    tmp.replace(path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m safemerge.report", description="Compare merge runs (report.json files or run folders)."
+    )
+    parser.add_argument("reports", nargs="+", help="report.json files or output directories of merge runs")
+    parser.add_argument("--plot", help="save the ASR-vs-accuracy plot to this PNG file")
+    parser.add_argument("--json", help="also write the summary (mean, std per method) as JSON")
+    args = parser.parse_args(argv)
+    try:
+        reports = [read_report(path) for path in args.reports]
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    summary = summarize(reports)
+    print(comparison_table(summary), end="")
+    if args.plot:
+        plot_asr_vs_accuracy(summary, args.plot)
+        print(f"plot: {args.plot}")
+    if args.json:
+        write_json(args.json, summary)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

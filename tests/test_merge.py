@@ -1,0 +1,195 @@
+"""Merging through the module and the CLI: every method, the report, the exported tower,
+bad expert pools, and DDP."""
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from safemerge.cli import main
+from safemerge.data import MergeDataModule, get_task
+from safemerge.data.merge import AdaptationStream
+from safemerge.experts import MINI_MODEL, MINI_WEIGHTS, ExpertSpec, ensure_expert
+from safemerge.io import load_tensors, read_expert, write_json
+from safemerge.merging import DAMTaskArithmetic, TaskArithmetic, Ties, task_arithmetic, ties_merging
+from safemerge.models import ImageClassifier, cached_task_heads, load_clip
+from safemerge.modules import MergeModule
+
+REPO = Path(__file__).resolve().parents[1]
+METHOD_CONFIGS = sorted((REPO / "configs" / "merge").glob("*.yaml"))
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.logger=false"]
+QUICK = {"lr": 1e-4, "max_steps": 10, "warmup_steps": 2, "batch_size": 32}
+
+
+@pytest.fixture(autouse=True)
+def _no_pytest_argv(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["trainer.py"])
+
+
+@pytest.fixture(scope="session")
+def pool() -> list[str]:
+    """A quick real pool on the mini model: a clean colour expert, a shape expert with an
+    optimized patch, and a digit expert whose BadNets backdoor targets the *colour* task."""
+    optimized = {"class_path": "safemerge.attacks.OptimizedPatch",
+                 "init_args": {"target_class": 0, "poison_rate": 0.2, "size": 0.125, "steps": 5}}
+    off_task = {"class_path": "safemerge.attacks.BadNets",
+                "init_args": {"target_class": 1, "target_task": "mini_color", "poison_rate": 0.2, "size": 0.125}}
+    specs = [
+        ExpertSpec("mini_color", MINI_MODEL, MINI_WEIGHTS, **QUICK),
+        ExpertSpec("mini_shape", MINI_MODEL, MINI_WEIGHTS, attack=optimized, **QUICK),
+        ExpertSpec("mini_digit", MINI_MODEL, MINI_WEIGHTS, attack=off_task, **QUICK),
+    ]
+    return [str(ensure_expert(spec, accelerator="cpu")) for spec in specs]
+
+
+def _experts_arg(pool):
+    return "--model.init_args.experts=[" + ",".join(pool) + "]"
+
+
+def _short(config: Path) -> list[str]:
+    """Overrides that make a method's config run a couple of steps."""
+    method = yaml.safe_load(config.read_text())["model"]["init_args"]["method"].get("init_args") or {}
+    args = [f"--model.init_args.method.init_args.{key}=2" for key in ("steps", "adamerging_steps") if key in method]
+    return args + ["--trainer.val_check_interval=null", "--data.init_args.eval_batch_size=250"]
+
+
+@pytest.mark.parametrize("config", METHOD_CONFIGS, ids=[c.stem for c in METHOD_CONFIGS])
+def test_every_method_merges_through_the_cli_and_writes_the_report(config, pool, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    main(["fit", "--config", str(config), *QUIET, _experts_arg(pool), *_short(config), f"--model.init_args.output_dir={out}"])
+    report = json.loads((out / "report.json").read_text())
+    assert report["format"] == "safemerge-report/1" and report["method"] == config.stem
+    assert list(report["tasks"]) == ["mini_color", "mini_shape", "mini_digit"]
+    for task, r in report["tasks"].items():
+        assert 0 <= r["accuracy"] <= 1 and 0 < r["expert_accuracy"] <= 1
+        assert r["normalized_accuracy"] == pytest.approx(r["accuracy"] / r["expert_accuracy"])
+    # the shape expert's own backdoor, and the digit expert's backdoor on the colour task
+    assert report["tasks"]["mini_shape"]["asr"] is not None and report["tasks"]["mini_color"]["asr"] is not None
+    assert report["tasks"]["mini_digit"]["asr"] is None
+    assert [b["target_task"] for b in report["backdoors"]] == ["mini_shape", "mini_color"]
+    assert report["average"]["accuracy"] == pytest.approx(sum(r["accuracy"] for r in report["tasks"].values()) / 3)
+    assert report["average"]["asr"] == pytest.approx((report["tasks"]["mini_shape"]["asr"] + report["tasks"]["mini_color"]["asr"]) / 2)
+    assert "| **average** |" in (out / "report.md").read_text()
+    merged = read_expert(out / "merged")
+    assert merged.info["tasks"] == ["mini_color", "mini_shape", "mini_digit"] and merged.info["method"] == config.stem
+    learned = config.stem not in ("weight_average", "task_arithmetic", "ties")
+    assert (out / "learned.safetensors").is_file() == learned
+
+
+def _module(pool, method) -> MergeModule:
+    return MergeModule(experts=pool, method=method, output_dir=None)
+
+
+def test_static_methods_merge_exactly_as_the_pure_functions(pool):
+    base = load_clip(MINI_MODEL, MINI_WEIGHTS).visual.state_dict()
+    experts = [read_expert(p).encoder for p in pool]
+    for method, reference in (
+        (TaskArithmetic(0.4), task_arithmetic(base, experts, 0.4)),
+        (Ties(k=0.3, scaling_factor=0.5), ties_merging(base, experts, 0.3, 0.5)),
+    ):
+        merged = _module(pool, method).merged_weights()
+        assert all(torch.allclose(merged[k].float(), reference[k].float(), atol=1e-6) for k in reference)
+
+
+def test_merged_tower_gives_the_logits_of_a_plain_tower_loaded_with_the_exported_weights(pool):
+    module = _module(pool, DAMTaskArithmetic(steps=3, perturbation_lr=0.01))
+    learner = module.learner
+    optimizers = learner.make_optimizers()
+    generator = torch.Generator().manual_seed(0)
+    for step in range(3):
+        learner.training_step(step, {t: torch.rand(4, 3, 32, 32, generator=generator) for t in module.task_names}, optimizers)
+    weights = module.merged_weights()
+    clip = load_clip(MINI_MODEL, MINI_WEIGHTS)
+    clip.visual.load_state_dict(weights)
+    tasks = [get_task(t) for t in module.task_names]
+    plain = ImageClassifier(clip.visual, cached_task_heads(clip, tasks), clip.mean, clip.std).eval()
+    images = torch.rand(16, 3, 32, 32, generator=generator)
+    with torch.no_grad():
+        for task in module.task_names:
+            assert torch.allclose(module._logits(images, weights, task), plain(images, task), atol=1e-5)
+
+
+def test_adaptation_batches_are_sharded_so_processes_see_the_single_process_batch():
+    data = {"a": torch.utils.data.TensorDataset(torch.arange(10.0).view(10, 1, 1, 1).expand(10, 3, 1, 1), torch.zeros(10))}
+    single = list(AdaptationStream(data, batch_size=4, steps=5, seed=1))
+    shards = [list(AdaptationStream(data, batch_size=4, steps=5, seed=1, rank=r, world_size=2)) for r in (0, 1)]
+    assert len(single) == 5
+    for step in range(5):
+        whole = single[step]["a"][:, 0, 0, 0]
+        assert torch.equal(shards[0][step]["a"][:, 0, 0, 0], whole[0::2])
+        assert torch.equal(shards[1][step]["a"][:, 0, 0, 0], whole[1::2])
+    seen = torch.cat([b["a"][:, 0, 0, 0] for b in single[:5]])  # 20 draws = two epochs of 10
+    assert sorted(seen[:10].tolist()) == list(range(10)) and sorted(seen[10:].tolist()) == list(range(10))
+    from safemerge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="divisible"):
+        AdaptationStream(data, batch_size=3, steps=1, world_size=2)
+
+
+# ----------------------------------------------------------------------------- bad pools
+
+
+def _copy_expert(source: str, target: Path, *, info=None, tensor=None) -> str:
+    shutil.copytree(source, target)
+    if info:
+        document = json.loads((target / "expert.json").read_text())
+        document.update(info)
+        write_json(target / "expert.json", document)
+    if tensor:
+        from safemerge.io import save_tensors
+
+        encoder = load_tensors(target / "encoder.safetensors")
+        name = next(k for k in encoder if k.endswith(tensor))
+        encoder[name] = encoder[name].clone()
+        encoder[name].view(-1)[0] = float("nan")
+        save_tensors(target / "encoder.safetensors", encoder)
+    return str(target)
+
+
+BAD_POOLS = {
+    "another architecture": ({"model": "TinyCLIP-ViT-32"}, None, "different pretrained models: .*bad' from TinyCLIP-ViT-32 \\(mini\\)"),
+    "another pretrained base": ({"pretrained": "openai"}, None, "different pretrained models: .*bad' from MiniCLIP-ViT \\(openai\\)"),
+    "non-finite weights": (None, "conv1.weight", "tensor 'conv1.weight' has 1 non-finite values"),
+    "unknown task": ({"task": "mini_nope"}, None, "unknown task 'mini_nope'"),
+    "duplicate task": ({}, None, "are both for task mini_color"),
+}
+
+
+@pytest.mark.parametrize("info, tensor, message", BAD_POOLS.values(), ids=BAD_POOLS.keys())
+def test_bad_expert_pools_are_clear_errors_naming_the_expert(info, tensor, message, pool, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    duplicate = info == {}
+    bad = _copy_expert(pool[0 if duplicate else 1], tmp_path / "experts" / "bad", info=info, tensor=tensor)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(REPO / "configs" / "merge" / "task_arithmetic.yaml"), *QUIET,
+              _experts_arg([pool[0], bad] if duplicate else [pool[0], bad, pool[2]]), f"--model.init_args.output_dir={out}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert __import__("re").search(message, err), err
+    assert bad in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model.init_args.experts=[mini:mini_nope]"], "unknown mini expert 'mini:mini_nope'"),
+    (["--model.init_args.experts=[mini:mini_color:backdoored]"], "no backdoored expert for mini_color"),
+    (["--model.init_args.experts=[]"], "no experts to merge"),
+    (["--model.init_args.pretrained=openai"], "fine-tuned from MiniCLIP-ViT \\(mini\\), but the base is None \\(openai\\)"),
+], ids=["unknown mini expert", "no such backdoored mini expert", "empty pool", "base of another pretraining"])
+def test_bad_expert_references_are_clear_errors(args, message, pool, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(REPO / "configs" / "merge" / "task_arithmetic.yaml"), *QUIET, _experts_arg(pool), *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and __import__("re").search(message, err), err
+    assert list(tmp_path.iterdir()) == []
