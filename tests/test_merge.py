@@ -183,7 +183,7 @@ def test_bad_expert_pools_are_clear_errors_naming_the_expert(info, tensor, messa
     (["--model.init_args.experts=[mini:mini_nope]"], "unknown mini expert 'mini:mini_nope'"),
     (["--model.init_args.experts=[mini:mini_color:backdoored]"], "no backdoored expert for mini_color"),
     (["--model.init_args.experts=[]"], "no experts to merge"),
-    (["--model.init_args.pretrained=openai"], "fine-tuned from MiniCLIP-ViT \\(mini\\), but the base is None \\(openai\\)"),
+    (["--model.init_args.pretrained=openai"], "fine-tuned from MiniCLIP-ViT \\(mini\\), but the base is MiniCLIP-ViT \\(openai\\)"),
 ], ids=["unknown mini expert", "no such backdoored mini expert", "empty pool", "base of another pretraining"])
 def test_bad_expert_references_are_clear_errors(args, message, pool, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
