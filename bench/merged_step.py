@@ -7,6 +7,7 @@ per-task mean entropy, and the gradients of λ and the mask logits.
 Variants, each in a fresh process per T:
   floor       plain forward + backward of the unmerged tower (weights require grad)
   ours        MergedEncoder.weights(λ, combine(mask.sample())) + functional forward, grads → λ, mask
+  ours_fused  ours with the prototype in bench/fused_merge.py (leaner mask sample and masked merge)
   ours_lambda the same with λ only (no mask)
   fb          FusionBench LayerWiseMergedModel + MaskModel as its Concrete AdaMerging mask step
   fb_concat   fb with the tasks' images in one forward, as ours (not run by default)
@@ -27,8 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-VARIANTS = ("floor", "ours", "ours_lambda", "fb", "fb_concat", "fb_lambda")
-DEFAULT = ("floor", "ours", "ours_lambda", "fb", "fb_lambda")
+VARIANTS = ("floor", "ours", "ours_fused", "ours_lambda", "fb", "fb_concat", "fb_lambda")
+DEFAULT = ("floor", "ours", "ours_fused", "ours_lambda", "fb", "fb_lambda")
 
 
 def entropy(logits):
@@ -81,21 +82,29 @@ def worker(args) -> dict:
         from safemerge.merging.masks import ConcreteMask, combine
         from safemerge.merging.merged import MergedEncoder
 
+        import fused_merge
+
         experts = [common.expert_state(tower, i, args.seed) for i in range(T)]
         encoder = MergedEncoder(tower, experts)
         del experts
         coefficients = encoder.coefficients("layer", 0.3).requires_grad_(True)
-        use_mask = args.variant == "ours"
+        use_mask = args.variant in ("ours", "ours_fused")
+        fused = args.variant == "ours_fused"
         mask = ConcreteMask(encoder.shapes, temperature=0.5).to(device) if use_mask else None
         learned = [coefficients, *(mask.parameters() if use_mask else ())]
         generator = torch.Generator(device).manual_seed(args.seed)
 
         def sample():
-            return combine(mask.sample(generator)) if use_mask else None
+            if not use_mask:
+                return None
+            return fused_merge.sample(mask, generator) if fused else combine(mask.sample(generator))
+
+        def build(m):
+            return fused_merge.weights(encoder, coefficients, m) if fused else encoder.weights(coefficients, m)
 
         def step():
             with common.autocast(args):
-                weights = encoder.weights(coefficients, sample())
+                weights = build(sample())
                 loss = loss_of(encoder(batch(), weights))
             torch.autograd.grad(loss, learned)
 
@@ -111,7 +120,7 @@ def worker(args) -> dict:
             with common.autocast(args):
                 m = sample()
                 mark()
-                weights = encoder.weights(coefficients, m)
+                weights = build(m)
                 mark()
                 loss = loss_of(encoder(batch(), weights))
                 mark()

@@ -193,3 +193,34 @@ def test_bad_expert_references_are_clear_errors(args, message, pool, tmp_path, m
     err = capsys.readouterr().err
     assert err.startswith("error: ") and __import__("re").search(message, err), err
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- DDP
+
+
+def _fit(pool, out: Path, *extra: str) -> dict[str, torch.Tensor]:
+    command = [
+        sys.executable, str(REPO / "trainer.py"), "fit", "--config", str(REPO / "configs" / "merge" / "dam_adamerging.yaml"),
+        *QUIET, _experts_arg(pool), "--trainer.accelerator=cpu", "--trainer.val_check_interval=null",
+        "--trainer.limit_val_batches=0", "--model.init_args.method.init_args.steps=3",
+        "--model.init_args.method.init_args.adamerging_steps=2", "--model.init_args.method.init_args.perturbation_lr=0.01",
+        "--data.init_args.batch_size=4", f"--model.init_args.output_dir={out}", f"--trainer.default_root_dir={out}", *extra,
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=out.parent)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return load_tensors(out / "learned.safetensors")
+
+
+def test_ddp_learns_the_same_coefficients_and_mask_as_a_single_process(pool, tmp_path):
+    """Two gloo processes with 2 images per task each learn what one process learns from the
+    same 4 images per task: gradients are averaged per phase, mask samples are seeded."""
+    single = _fit(pool, tmp_path / "single")
+    ddp = _fit(pool, tmp_path / "ddp", "--trainer.strategy=ddp", "--trainer.devices=2")
+    assert single.keys() == ddp.keys()
+    assert {"coefficients", "mask.logits.0", "perturbation.deltas.0"} <= single.keys()
+    for name in single:
+        # float sums in another order: 1e-5 relative; Adam's normalised steps keep it small
+        assert torch.allclose(single[name], ddp[name], rtol=1e-4, atol=1e-5), name
+    assert not torch.equal(single["coefficients"], torch.full_like(single["coefficients"], 0.3))
+    report = json.loads((tmp_path / "ddp" / "report.json").read_text())
+    assert report["config"]["world_size"] == 2
