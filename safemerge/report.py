@@ -9,7 +9,6 @@ and saves a plot of average ASR against average accuracy, one point per method.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from collections import defaultdict

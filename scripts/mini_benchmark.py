@@ -9,12 +9,10 @@ Experts come from the cache (fine-tuned on first use). Prints a markdown table a
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

@@ -2,7 +2,6 @@
 bad expert pools, and DDP."""
 
 import json
-import math
 import shutil
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import torch
 import yaml
 
 from safemerge.cli import main
-from safemerge.data import MergeDataModule, get_task
+from safemerge.data import get_task
 from safemerge.data.merge import AdaptationStream
 from safemerge.experts import MINI_MODEL, MINI_WEIGHTS, ExpertSpec, ensure_expert
 from safemerge.io import load_tensors, read_expert, write_json

@@ -71,11 +71,13 @@ class MergedEncoder(nn.Module):
             )
         coefficients = coefficients.expand(self.num_experts, self.num_tensors)
         state = self.base()
-        for index, (name, shape) in enumerate(zip(self.names, self.shapes)):
-            update = (coefficients[:, index].to(self.vectors(index).dtype) @ self.vectors(index)).view(shape)
-            if mask is not None:
-                update = update * mask[index]
-            state[name] = state[name] + update
+        # Weights are formed in full precision even under autocast; only the forward is cast.
+        with torch.autocast(coefficients.device.type, enabled=False):
+            for index, (name, shape) in enumerate(zip(self.names, self.shapes)):
+                update = (coefficients[:, index].to(self.vectors(index).dtype) @ self.vectors(index)).view(shape)
+                if mask is not None:
+                    update = update * mask[index]
+                state[name] = state[name] + update
         return state
 
     def expert_weights(self, expert: int) -> dict[str, Tensor]:

@@ -1,0 +1,52 @@
+"""Reports: the contract's fields, and comparisons across runs (mean ± std per method)."""
+
+import json
+
+import pytest
+
+from safemerge.report import build_report, comparison_table, main, read_report, summarize, write_report
+
+
+def _report(method, shape_acc, shape_asr, color_acc, runtime=1.0):
+    return build_report(
+        method,
+        {"shape": {"accuracy": shape_acc, "asr": shape_asr, "expert_accuracy": 0.8},
+         "color": {"accuracy": color_acc, "asr": None, "expert_accuracy": None}},
+        config={"seed": 0}, runtime_s=runtime,
+    )
+
+
+def test_report_fields_follow_the_contract():
+    report = _report("ties", 0.4, 0.25, 0.6)
+    assert report["format"] == "safemerge-report/1" and report["method"] == "ties"
+    assert report["tasks"]["shape"] == {"accuracy": 0.4, "asr": 0.25, "expert_accuracy": 0.8, "normalized_accuracy": 0.5}
+    assert report["tasks"]["color"]["normalized_accuracy"] is None
+    assert report["average"] == {"accuracy": 0.5, "asr": 0.25, "normalized_accuracy": 0.5}
+
+
+def test_runs_of_one_method_are_summarised_as_mean_and_sample_std(tmp_path, capsys):
+    runs = [_report("dam", 0.4, 0.1, 0.6), _report("dam", 0.6, 0.3, 0.6), _report("ta", 0.5, 0.5, 0.5)]
+    summary = summarize(runs)
+    assert list(summary) == ["dam", "ta"] and summary["dam"]["runs"] == 2
+    mean, std = summary["dam"]["tasks"]["shape"]["accuracy"]
+    assert mean == pytest.approx(0.5) and std == pytest.approx(0.1414213, rel=1e-5)  # stdev of 0.4, 0.6
+    assert summary["dam"]["average"]["asr"] == pytest.approx((0.2, 0.1414213), rel=1e-5)
+    table = comparison_table(summary)
+    assert "| dam | 2 | 50.0 ± 14.1 | 60.0 ± 0.0 | 20.0 ± 14.1 |" in table
+    assert "| ta | 1 | 50.0 | 50.0 | 50.0 |" in table
+
+    paths = []
+    for i, run in enumerate(runs):
+        write_report(tmp_path / f"run{i}", run)
+        paths.append(str(tmp_path / f"run{i}" / "report.json"))
+    assert read_report(tmp_path / "run0") == json.loads((tmp_path / "run0" / "report.json").read_text())
+    plot = tmp_path / "plot.png"
+    assert main([*paths, "--plot", str(plot)]) == 0
+    assert "| dam | 2 |" in capsys.readouterr().out
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_file_that_is_not_a_report_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "x.json").write_text('{"format": "other"}')
+    assert main([str(tmp_path / "x.json")]) == 2
+    assert "is not a safemerge report" in capsys.readouterr().err
