@@ -295,3 +295,32 @@ def test_method_arguments_are_checked():
         AdaMerging(adamerging_steps=0)
     with pytest.raises(ConfigError, match="k is the fraction"):
         Ties(k=1.5)
+
+
+def test_fused_masked_update_has_the_gradients_of_the_plain_formula():
+    """``weights(..., rescale=True)`` runs one custom autograd node; its λ and mask gradients
+    must be those of ``θ0 + (m / mean m) ⊙ Σ λ_i τ_i`` written with ordinary ops."""
+    from safemerge.merging import MergedEncoder
+
+    torch.manual_seed(2)
+    tower = Tower().double()
+    experts = _experts(tower)
+    encoder = MergedEncoder(tower, experts)
+    lam = torch.rand(3, encoder.num_tensors, dtype=torch.float64, requires_grad=True)
+    mask = [torch.rand(shape, dtype=torch.float64, requires_grad=True) for shape in encoder.shapes]
+    probe = {name: torch.randn(shape, dtype=torch.float64) for name, shape in zip(encoder.names, encoder.shapes)}
+
+    def loss(weights):
+        return sum((weights[name] * probe[name]).sum() for name in encoder.names)
+
+    fused = torch.autograd.grad(loss(encoder.weights(lam, mask, rescale=True)), [lam, *mask])
+    base = tower.state_dict()
+    plain = {}
+    for index, name in enumerate(encoder.names):
+        update = sum(lam[i, index] * (experts[i][name].double() - base[name]) for i in range(3))
+        plain[name] = base[name] + mask[index] / mask[index].mean() * update
+    reference = torch.autograd.grad(loss(plain), [lam, *mask])
+    for got, want in zip(fused, reference):
+        assert torch.allclose(got, want, atol=1e-10)
+    values = encoder.weights(lam, mask, rescale=True)
+    assert all(torch.allclose(values[n], plain[n], atol=1e-12) for n in encoder.names)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from safemerge.merging.masks import ConcreteMask, combine, mask_statistics
+from safemerge.merging.masks import ConcreteMask, combine, mask_statistics, product
 from safemerge.merging.merged import MergedEncoder
 from safemerge.merging.methods import LearnedMerge, entropy
 from safemerge.merging.perturbation import UniversalPerturbation
@@ -134,20 +134,20 @@ class MergeLearner(nn.Module):
         if self.safety_mask is not None:
             samples.append(self.safety_mask.sample(generator))
 
+        fixed_mask = _detached(product(*samples))  # the sample without its graph (λ and δ steps)
         if method.granularity is not None:  # inner step on λ (performance), the mask detached
             if method.reset_coefficients:
                 with torch.no_grad():
                     self.coefficients.copy_(self.initial_coefficients)
-            fixed_mask = combine(*([m.detach() for m in sample] for sample in samples))
-            loss = _task_sum(entropy, self.logits(self.encoder.weights(self.coefficients, fixed_mask), batch))
+            weights = self.encoder.weights(self.coefficients, fixed_mask, rescale=True)
+            loss = _task_sum(entropy, self.logits(weights, batch))
             _update(optimizers["inner"], loss, [self.coefficients], reduce)
             logs["inner_entropy"] = float(loss.detach())
         coefficients = self.coefficients.detach()
 
         if self.perturbation is not None:  # simulated trigger: maximise CE against own predictions
             with torch.no_grad():
-                fixed_mask = combine(*([m.detach() for m in sample] for sample in samples))
-                weights = self.encoder.weights(coefficients, fixed_mask)
+                weights = self.encoder.weights(coefficients, fixed_mask, rescale=True)
                 pseudo = {t: l.argmax(-1) for t, l in self.logits(weights, batch).items()}
             perturbed = {t: self.perturbation.apply(x, t) for t, x in batch.items()}
             loss = sum(F.cross_entropy(l.float(), pseudo[t]) for t, l in self.logits(weights, perturbed).items())
@@ -155,7 +155,7 @@ class MergeLearner(nn.Module):
             self.perturbation.project_()
             logs["perturbation_loss"] = float(loss.detach())
 
-        weights = self.encoder.weights(coefficients, combine(*samples))
+        weights = self.encoder.weights(coefficients, product(*samples), rescale=True)
         if self.perturbation is None:
             loss = _task_sum(entropy, self.logits(weights, batch))
             _update(optimizers["mask"], loss, list(self.mask.parameters()), reduce)

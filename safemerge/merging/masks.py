@@ -35,9 +35,9 @@ class ConcreteMask(nn.Module):
         """One relaxed sample per tensor, differentiable in the logits."""
         masks = []
         for logits in self.logits:
-            u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
-            u = u.clamp(1e-6, 1 - 1e-6)
-            masks.append(torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / self.temperature))
+            noise = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+            noise.logit_(1e-6)  # clamp to [1e-6, 1 − 1e-6], then log u − log(1 − u), in place
+            masks.append((logits + noise).div_(self.temperature).sigmoid_())
         return masks
 
     def expected(self) -> list[Tensor]:
@@ -59,7 +59,13 @@ class ConcreteMask(nn.Module):
 
 def combine(*masks: Sequence[Tensor]) -> list[Tensor]:
     """The element-wise product of one or more masks, each tensor rescaled to mean 1."""
-    return [rescale(torch.stack(parts).prod(0)) if len(parts) > 1 else rescale(parts[0]) for parts in zip(*masks)]
+    return [rescale(p) for p in product(*masks)]
+
+
+def product(*masks: Sequence[Tensor]) -> list[Tensor]:
+    """The element-wise product of one or more masks, not rescaled (one mask: itself). For
+    ``MergedEncoder.weights(..., rescale=True)``, which rescales inside its own autograd node."""
+    return [torch.stack(parts).prod(0) if len(parts) > 1 else parts[0] for parts in zip(*masks)]
 
 
 @torch.no_grad()

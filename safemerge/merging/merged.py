@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from safemerge.merging.arithmetic import task_vectors
+from safemerge.merging.arithmetic import _check_same_keys
 
 Granularity = Literal["task", "layer"]
 
@@ -37,12 +37,14 @@ class MergedEncoder(nn.Module):
             raise ValueError("merging needs at least one expert")
         self.tower = tower.requires_grad_(False)
         base = tower.state_dict()
-        vectors = task_vectors(base, experts)
-        self.names = list(vectors[0])
+        _check_same_keys(base, experts, "expert")
+        self.names = [name for name, tensor in base.items() if tensor.is_floating_point()]
         self.shapes = [base[name].shape for name in self.names]
         self.num_experts = len(experts)
         for index, name in enumerate(self.names):
-            stacked = torch.stack([v[name].flatten() for v in vectors])
+            # τ_i = θ_i − θ_0 one tensor at a time: never more than the [T, n] result at once
+            stacked = torch.stack([e[name].flatten().float() for e in experts])
+            stacked.sub_(base[name].flatten().float())
             self.register_buffer(f"_vectors_{index}", stacked, persistent=False)
 
     @property
@@ -62,8 +64,10 @@ class MergedEncoder(nn.Module):
         columns = 1 if granularity == "task" else self.num_tensors
         return torch.full((self.num_experts, columns), float(value), device=self.vectors(0).device)
 
-    def weights(self, coefficients: Tensor, mask: Sequence[Tensor] | None = None) -> dict[str, Tensor]:
-        """The merged state dict ``θ_0 + m ⊙ Σ_i λ_i τ_i``."""
+    def weights(
+        self, coefficients: Tensor, mask: Sequence[Tensor] | None = None, rescale: bool = False,
+    ) -> dict[str, Tensor]:
+        """The merged state dict ``θ_0 + m ⊙ Σ_i λ_i τ_i`` (``m / mean(m)`` per tensor with ``rescale``)."""
         coefficients = coefficients.reshape(self.num_experts, -1)
         if coefficients.shape[1] not in (1, self.num_tensors):
             raise ValueError(
@@ -74,9 +78,11 @@ class MergedEncoder(nn.Module):
         # Weights are formed in full precision even under autocast; only the forward is cast.
         with torch.autocast(coefficients.device.type, enabled=False):
             for index, (name, shape) in enumerate(zip(self.names, self.shapes)):
+                if mask is not None:  # one node that keeps only λ, m and mean(m) for backward
+                    state[name] = _MaskedUpdate.apply(
+                        coefficients[:, index], self.vectors(index), state[name], mask[index], rescale)
+                    continue
                 update = (coefficients[:, index].to(self.vectors(index).dtype) @ self.vectors(index)).view(shape)
-                if mask is not None:
-                    update = update * mask[index]
                 state[name] = state[name] + update
         return state
 
@@ -88,3 +94,39 @@ class MergedEncoder(nn.Module):
 
     def forward(self, images: Tensor, weights: Mapping[str, Tensor]) -> Tensor:
         return functional_call(self.tower, dict(weights), (images,))
+
+
+class _MaskedUpdate(torch.autograd.Function):
+    """``base + (m / c) ⊙ (λ @ V).view(m.shape)``; ``c = mean(m)`` with ``rescale``, else 1.
+
+    Differentiable in λ and m. Backward recomputes ``λ @ V`` rather than keeping it, so the graph
+    holds no model-sized tensor besides ``m`` (which the mask's sigmoid keeps anyway) and the
+    output (which the tower's backward needs).
+    """
+
+    @staticmethod
+    def forward(ctx, lam: Tensor, vectors: Tensor, base: Tensor, mask: Tensor, rescale: bool) -> Tensor:
+        ctx.lam_dtype, ctx.rescale = lam.dtype, rescale
+        lam = lam.to(vectors.dtype)
+        update = (lam @ vectors).view(mask.shape)
+        inv = 1.0 / mask.mean().clamp_min(torch.finfo(mask.dtype).tiny) if rescale else mask.new_ones(())
+        if torch.result_type(update, mask) == update.dtype and torch.result_type(update, base) == update.dtype:
+            out = update.mul_(mask).mul_(inv).add_(base)
+        else:
+            out = base + update * mask * inv
+        ctx.save_for_backward(lam, vectors, mask, inv)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        lam, vectors, mask, inv = ctx.saved_tensors
+        grad_lam = grad_mask = None
+        if ctx.needs_input_grad[0]:
+            grad_lam = (vectors @ (grad * mask).flatten().to(vectors.dtype) * inv).to(ctx.lam_dtype)
+        if ctx.needs_input_grad[3]:
+            a = (lam @ vectors).view(mask.shape) * grad  # g ⊙ (λ @ V), recomputed
+            if ctx.rescale:  # d/dm of m / mean(m): a / c − Σ(a ⊙ m) / (c² n)
+                correction = torch.dot(a.flatten(), mask.flatten().to(a.dtype)) * inv * inv / mask.numel()
+                a = a.mul_(inv).sub_(correction)
+            grad_mask = a.to(mask.dtype)
+        return grad_lam, None, None, grad_mask, None
