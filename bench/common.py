@@ -47,6 +47,8 @@ def add_common_args(parser, tasks: str) -> None:
     parser.add_argument("--bf16", action="store_true", help="autocast the forward in bfloat16")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--src", default=None,
+                        help="benchmark the safemerge package of this source tree instead of the repo's (e.g. a worktree of an older commit)")
     parser.add_argument("--out", default=None, help="JSON file for the results (default: bench/results/<script>_<device>.json)")
 
 
@@ -205,15 +207,18 @@ def summarize(times: list[float]) -> dict:
 
 def emit(result: dict) -> None:
     """A worker's result: one JSON line on stdout, tagged for the driver."""
+    if "safemerge" in sys.modules:
+        result["safemerge"] = str(Path(sys.modules["safemerge"].__file__).parent)
     print("RESULT " + json.dumps(result), flush=True)
 
 
 # ---------------------------------------------------------------- driver side
 
 
-def run_worker(argv: list[str], python: str = sys.executable, timeout: float = 900) -> dict:
+def run_worker(argv: list[str], python: str = sys.executable, timeout: float = 900, src: str | None = None) -> dict:
     """Run one worker in a fresh process and return its result (or the error)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    path = [str(Path(src).resolve())] if src else []
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([*path, str(ROOT), os.environ.get("PYTHONPATH", "")]))
     start = time.perf_counter()
     proc = subprocess.run([python, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     wall = time.perf_counter() - start

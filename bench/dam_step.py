@@ -8,9 +8,9 @@ Besides the step time, the worker measures the merge's own share: the work a DAM
 building merged weights and back-propagating through that construction, outside the tower:
 
   sample   one mask sample (ConcreteMask.sample)
-  inner    combine(detached mask) + weights(λ, ·) + backward of sum(w * g) into λ
-  pseudo   combine + weights(λ, ·) under no_grad (reused for the perturbed forward)
-  mask     combine(mask) + weights(λ.detach(), ·) + backward of sum(w * g) into the mask logits
+  inner    weights(λ, detached mask, rescale=True) + backward of sum(w * g) into λ
+  pseudo   weights(λ, detached mask, rescale=True) under no_grad (reused for the perturbed forward)
+  mask     weights(λ.detach(), mask, rescale=True) + backward of sum(w * g) into the mask logits
   adam     the mask optimizer's step over the mask logits (one logit per weight)
 
 (g: fixed random tensors shaped as the weights, standing in for the tower's gradients.)
@@ -18,6 +18,7 @@ building merged weights and back-propagating through that construction, outside 
     python bench/dam_step.py                      # T = 2, 4, 6, 8
     python bench/dam_step.py --tasks 4 --steps 2
     python bench/dam_step.py --device cuda --bf16 --steps 10
+    python bench/dam_step.py --src /path/to/other/checkout   # its safemerge instead of this repo's
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ def worker(args) -> dict:
     import torch
 
     from safemerge.merging.learner import MergeLearner
-    from safemerge.merging.masks import combine
     from safemerge.merging.merged import MergedEncoder
     from safemerge.merging.methods import DAMAdaMerging
     from safemerge.models.classifier import ImageClassifier
@@ -63,18 +63,29 @@ def worker(args) -> dict:
     memory.setup_done()
     times = common.time_steps(step, args.warmup, args.steps, device)
     info = memory.steps_done()
-    merge = merge_share(args, learner, optimizers, combine) if not args.no_merge_share else {}
+    merge = merge_share(args, learner, optimizers) if not args.no_merge_share else {}
     result = {"tasks": T, "batch": B, **common.summarize(times), **info, "merge": merge}
     if merge:
         result["merge_share"] = merge["total_s"] / result["median_s"]
     return result
 
 
-def merge_share(args, learner, optimizers, combine) -> dict:
+def merge_share(args, learner, optimizers) -> dict:
     """Median seconds of each merge-side phase of a DAM step (see the module docstring)."""
     import torch
 
     encoder, mask, coefficients = learner.encoder, learner.mask, learner.coefficients
+    try:  # as MergeLearner forms the masked weights (one mask: product(m) is m)
+        from safemerge.merging.masks import product
+
+        def masked(lam, m):
+            return encoder.weights(lam, product(m), rescale=True)
+    except ImportError:  # a --src checkout from before the change (a658d87 and earlier)
+        from safemerge.merging.masks import combine
+
+        def masked(lam, m):
+            return encoder.weights(lam, combine(m))
+
     device = args.device
     gen = torch.Generator(device).manual_seed(args.seed)
     grads = [torch.randn(shape, device=device) * 1e-3 for shape in encoder.shapes]
@@ -95,13 +106,12 @@ def merge_share(args, learner, optimizers, combine) -> dict:
         with common.autocast(args):
             t, sample = timed(lambda: mask.sample(gen))
             phases["sample"].append(t)
-            phases["inner"].append(timed(lambda: dummy_backward(
-                encoder.weights(coefficients, combine([m.detach() for m in sample])), [coefficients]))[0])
+            fixed = [m.detach() for m in sample]
+            phases["inner"].append(timed(lambda: dummy_backward(masked(coefficients, fixed), [coefficients]))[0])
             with torch.no_grad():
-                phases["pseudo"].append(timed(lambda: encoder.weights(
-                    coefficients.detach(), combine([m.detach() for m in sample])))[0])
+                phases["pseudo"].append(timed(lambda: masked(coefficients.detach(), fixed))[0])
             phases["mask"].append(timed(lambda: dummy_backward(
-                encoder.weights(coefficients.detach(), combine(sample)), list(mask.parameters())))[0])
+                masked(coefficients.detach(), sample), list(mask.parameters())))[0])
         for p, g in zip(mask.parameters(), grads):
             p.grad = g
         phases["adam"].append(timed(lambda: optimizers["mask"].step())[0])
@@ -118,7 +128,7 @@ def driver(args) -> None:
         argv = [*common.forwarded_args(args), "--num-tasks", str(T), "--merge-repeats", str(args.merge_repeats)]
         if args.no_merge_share:
             argv.append("--no-merge-share")
-        result = common.run_worker(["bench/dam_step.py", "--worker", *argv])
+        result = common.run_worker(["bench/dam_step.py", "--worker", *argv], src=args.src)
         result.setdefault("tasks", T)
         print(f"T={T} " + (
             f"{result['median_s']:.1f} s/step  peak {result['peak_rss_mb']:.0f} MB  base {result['rss_base_mb']:.0f} MB"
@@ -154,6 +164,7 @@ def table(runs: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(parser, tasks="2,4,6,8")
+    parser.set_defaults(steps=2)  # a DAM step at T = 8 is ~2 min on one CPU thread
     parser.add_argument("--merge-repeats", type=int, default=3, help="repeats of the merge-share measurement")
     parser.add_argument("--no-merge-share", action="store_true")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

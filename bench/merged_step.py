@@ -6,17 +6,18 @@ per-task mean entropy, and the gradients of λ and the mask logits.
 
 Variants, each in a fresh process per T:
   floor       plain forward + backward of the unmerged tower (weights require grad)
-  ours        MergedEncoder.weights(λ, combine(mask.sample())) + functional forward, grads → λ, mask
-  ours_fused  ours with the prototype in bench/fused_merge.py (leaner mask sample and masked merge)
+  ours        MergedEncoder.weights(λ, product(mask.sample()), rescale=True) + functional forward,
+              grads → λ, mask (the package's masked merge, as MergeLearner calls it)
   ours_lambda the same with λ only (no mask)
   fb          FusionBench LayerWiseMergedModel + MaskModel as its Concrete AdaMerging mask step
   fb_concat   fb with the tasks' images in one forward, as ours (not run by default)
   fb_lambda   FusionBench LayerWiseMergedModel as its layer-wise AdaMerging step
 (fb* run bench/fusionbench_step.py with the FusionBench venv's python, $FB_PYTHON.)
 
-    python bench/merged_step.py                      # T = 4, 8; all variants; ~10 min on 2 cores
+    python bench/merged_step.py --threads 1 --breakdown   # T = 4, 8; default variants; ~30 min on a busy 2-core box
     python bench/merged_step.py --tasks 8 --variants ours,floor
-    python bench/merged_step.py --device cuda --bf16 --steps 10
+    python bench/merged_step.py --device cuda --bf16 --tasks 8 --batch 16
+    python bench/merged_step.py --src /tmp/before --variants ours   # another checkout's safemerge
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-VARIANTS = ("floor", "ours", "ours_fused", "ours_lambda", "fb", "fb_concat", "fb_lambda")
-DEFAULT = ("floor", "ours", "ours_fused", "ours_lambda", "fb", "fb_lambda")
+VARIANTS = ("floor", "ours", "ours_lambda", "fb", "fb_concat", "fb_lambda")
+DEFAULT = ("floor", "ours", "ours_lambda", "fb", "fb_lambda")
 
 
 def entropy(logits):
@@ -79,28 +80,34 @@ def worker(args) -> dict:
             return {"forward_s": t1 - t0, "backward_tower_s": time.perf_counter() - t1}
 
     else:
-        from safemerge.merging.masks import ConcreteMask, combine
+        from safemerge.merging.masks import ConcreteMask
         from safemerge.merging.merged import MergedEncoder
-
-        import fused_merge
 
         experts = [common.expert_state(tower, i, args.seed) for i in range(T)]
         encoder = MergedEncoder(tower, experts)
         del experts
         coefficients = encoder.coefficients("layer", 0.3).requires_grad_(True)
-        use_mask = args.variant in ("ours", "ours_fused")
-        fused = args.variant == "ours_fused"
+        use_mask = args.variant == "ours"
         mask = ConcreteMask(encoder.shapes, temperature=0.5).to(device) if use_mask else None
         learned = [coefficients, *(mask.parameters() if use_mask else ())]
         generator = torch.Generator(device).manual_seed(args.seed)
 
+        try:  # the masked merge as MergeLearner forms it: one autograd node that rescales m
+            from safemerge.merging.masks import product
+
+            def masked(m):
+                return encoder.weights(coefficients, product(m), rescale=True)
+        except ImportError:  # a --src checkout from before the change (a658d87 and earlier)
+            from safemerge.merging.masks import combine
+
+            def masked(m):
+                return encoder.weights(coefficients, combine(m))
+
         def sample():
-            if not use_mask:
-                return None
-            return fused_merge.sample(mask, generator) if fused else combine(mask.sample(generator))
+            return mask.sample(generator) if use_mask else None
 
         def build(m):
-            return fused_merge.weights(encoder, coefficients, m) if fused else encoder.weights(coefficients, m)
+            return encoder.weights(coefficients) if m is None else masked(m)
 
         def step():
             with common.autocast(args):
@@ -150,7 +157,7 @@ def driver(args) -> None:
             if variant.startswith("fb"):
                 result = common.run_worker(["bench/fusionbench_step.py", *argv], python=common.FB_PYTHON)
             else:
-                result = common.run_worker(["bench/merged_step.py", "--worker", *argv])
+                result = common.run_worker(["bench/merged_step.py", "--worker", *argv], src=args.src)
             result.setdefault("variant", variant)
             result.setdefault("tasks", T)
             print(f"T={T} {variant:12s} " + (
