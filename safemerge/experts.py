@@ -9,6 +9,7 @@ exists only once complete, and it is re-validated (:func:`safemerge.io.read_expe
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import json
 import logging
@@ -67,7 +68,10 @@ def ensure_expert(spec: ExpertSpec, accelerator: str = "auto") -> Path:
             return directory
         except CheckpointError as err:  # e.g. a disk error after the rename: rebuild it
             log.warning("cached expert %s is unusable (%s); fine-tuning it again", directory, err)
-    finetune(spec, directory, accelerator=accelerator)
+    # A fresh context: when a module being built by LightningCLI asks for an expert, the CLI's
+    # context variables (the hyper-parameters it hands to save_hyperparameters) must not leak
+    # into the fine-tuning module.
+    contextvars.Context().run(finetune, spec, directory, accelerator=accelerator)
     return directory
 
 

@@ -153,13 +153,17 @@ def plot_asr_vs_accuracy(summary: Mapping[str, Mapping[str, Any]], path: str | P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(6, 4.5))
-    for method, entry in summary.items():
+    figure, axes = plt.subplots(figsize=(7.5, 4.5))
+    markers = "osD^vP*Xh<>"
+    for i, (method, entry) in enumerate(summary.items()):
         (acc, acc_std), (asr, asr_std) = entry["average"]["accuracy"], entry["average"]["asr"]
         if acc is None or asr is None:
             continue
-        axes.errorbar(100 * acc, 100 * asr, xerr=100 * acc_std, yerr=100 * asr_std, fmt="o", capsize=3, label=method)
-        axes.annotate(method, (100 * acc, 100 * asr), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        axes.errorbar(
+            100 * acc, 100 * asr, xerr=100 * acc_std, yerr=100 * asr_std, fmt=markers[i % len(markers)],
+            capsize=3, label=f"{method} (n={entry['runs']})", alpha=0.85,
+        )
+    axes.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     axes.set_xlabel("average clean accuracy (%)")
     axes.set_ylabel("average attack success rate (%)")
     axes.set_title("Merging methods: ASR against accuracy (lower right is better)")

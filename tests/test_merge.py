@@ -223,3 +223,14 @@ def test_ddp_learns_the_same_coefficients_and_mask_as_a_single_process(pool, tmp
     assert not torch.equal(single["coefficients"], torch.full_like(single["coefficients"], 0.3))
     report = json.loads((tmp_path / "ddp" / "report.json").read_text())
     assert report["config"]["world_size"] == 2
+
+
+def test_an_expert_fine_tuned_while_the_cli_builds_the_merge_module_gets_its_own_hyperparameters():
+    """The first run of configs/merge.yaml fine-tunes mini experts inside MergeModule.__init__,
+    i.e. inside LightningCLI's instantiation context."""
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context
+
+    spec = ExpertSpec("mini_count", MINI_MODEL, MINI_WEIGHTS, **{**QUICK, "max_steps": 2})
+    with _given_hyperparameters_context({"experts": ["mini:mini_count"], "method": None}, "MergeModule"):
+        directory = ensure_expert(spec, accelerator="cpu")
+    assert read_expert(directory).task == "mini_count"
