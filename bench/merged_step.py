@@ -33,16 +33,13 @@ VARIANTS = ("floor", "ours", "ours_lambda", "fb", "fb_concat", "fb_lambda")
 DEFAULT = ("floor", "ours", "ours_lambda", "fb", "fb_lambda")
 
 
-def entropy(logits):
-    log_probs = logits.float().log_softmax(-1)
-    return -(log_probs.exp() * log_probs).sum(-1).mean()
-
-
 def worker(args) -> dict:
     import time
 
     import torch
     import torch.nn.functional as F
+
+    from safemerge.merging.methods import entropy
 
     common.setup_torch(args)
     memory = common.Memory(args.device)
