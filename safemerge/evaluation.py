@@ -41,10 +41,13 @@ def evaluate(
     batch_size: int = 500,
     split_seed: int = 0,
 ) -> dict[str, dict[str, float | None]]:
-    """``{task: {"accuracy": ..., "asr": ... or None}}`` for the tower (``tower_state`` loaded first).
+    """``{task: {"accuracy", "asr", "target_rate"}}`` for the tower (``tower_state`` loaded first).
 
     ASR follows the protocol: the trigger on every test image of the target task, target-class
-    samples left out, the target task's head. With several backdoors on one task, the mean.
+    samples left out, the target task's head. ``target_rate`` is the same share measured on the
+    *untriggered* images: a merge that sends everything to the target class has a high ASR and
+    an equally high target rate, which is collapse, not backdoor succession. With several
+    backdoors on one task, the means; both None for a task no backdoor targets.
     """
     if tower_state is not None:
         classifier.tower.load_state_dict(tower_state)
@@ -55,11 +58,19 @@ def evaluate(
         accuracy = task_accuracy(task.num_classes).to(device)
         attacks = [b for b in backdoors if b.target_task == task.name]
         rates = [AttackSuccessRate(b.target_class).to(device) for b in attacks]
+        clean_rates = [AttackSuccessRate(b.target_class).to(device) for b in attacks]
         for images, labels in DataLoader(dataset, batch_size=batch_size):
             images, labels = images.to(device), labels.to(device)
-            accuracy.update(classifier(images, task.name), labels)
-            for backdoor, rate in zip(attacks, rates):
+            logits = classifier(images, task.name)
+            accuracy.update(logits, labels)
+            for backdoor, rate, clean_rate in zip(attacks, rates, clean_rates):
                 rate.update(classifier(backdoor.trigger.to(device).apply(images), task.name), labels)
-        asr = sum(float(r.compute()) for r in rates) / len(rates) if rates else None
-        results[task.name] = {"accuracy": float(accuracy.compute()), "asr": asr}
+                clean_rate.update(logits, labels)
+        results[task.name] = {
+            "accuracy": float(accuracy.compute()), "asr": _mean(rates), "target_rate": _mean(clean_rates),
+        }
     return results
+
+
+def _mean(metrics: Sequence[AttackSuccessRate]) -> float | None:
+    return sum(float(m.compute()) for m in metrics) / len(metrics) if metrics else None

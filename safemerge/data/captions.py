@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from safemerge.data.registry import get_task
+from safemerge.errors import ConfigError
 
 
 class CaptionDataModule(L.LightningDataModule):
@@ -29,8 +30,12 @@ class CaptionDataModule(L.LightningDataModule):
         mention: probability that a caption names each attribute (``shape``, ``colour``,
             ``count``, ``digit``, ``texture``); rarer mentions make that task's zero-shot harder.
             None: :data:`safemerge.data.mini.DEFAULT_MENTION`.
-        eval_tasks: tasks whose zero-shot accuracy is measured at validation.
+        eval_tasks: tasks whose zero-shot accuracy is measured at validation (default: the
+            corpus's tasks).
         seed: seed of the rendered scenes.
+        corpus: ``scenes`` (v1: :class:`safemerge.data.mini.CaptionedScenes`, one scene domain)
+            or ``domains`` (v2: :class:`safemerge.data.domains.DomainCaptions`, six domains;
+            ``digit_fraction`` and ``mention`` do not apply).
     """
 
     def __init__(
@@ -45,14 +50,21 @@ class CaptionDataModule(L.LightningDataModule):
         eval_tasks: list[str] | None = None,
         eval_batch_size: int = 500,
         seed: int = 0,
+        corpus: str = "scenes",
     ) -> None:
         super().__init__()
+        from safemerge.data.domains import domain_task_names
         from safemerge.data.mini import mini_task_names
+
+        if corpus not in ("scenes", "domains"):
+            raise ConfigError(f"corpus must be 'scenes' or 'domains', got {corpus!r}")
+        self.corpus = corpus
 
         self.num_samples, self.batch_size, self.num_workers = num_samples, batch_size, num_workers
         self.image_size, self.context_length = image_size, context_length
         self.digit_fraction, self.mention, self.seed = digit_fraction, mention, seed
-        self.eval_tasks = [get_task(name) for name in (eval_tasks or mini_task_names())]
+        default_tasks = mini_task_names() if corpus == "scenes" else domain_task_names()
+        self.eval_tasks = [get_task(name) for name in (eval_tasks or default_tasks)]
         self.eval_batch_size = eval_batch_size
         self._tokenizer = open_clip.SimpleTokenizer(context_length=context_length)
 
@@ -61,12 +73,16 @@ class CaptionDataModule(L.LightningDataModule):
         return images, self._tokenizer([caption for _, caption in samples])
 
     def train_dataloader(self) -> DataLoader:
+        from safemerge.data.domains import DomainCaptions
         from safemerge.data.mini import CaptionedScenes
 
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        scenes: Dataset = CaptionedScenes(
-            self.num_samples, seed=self.seed + 1000 * epoch, split="train",
-            image_size=self.image_size, digit_fraction=self.digit_fraction, mention=self.mention,
+        seed = self.seed + 1000 * epoch
+        scenes: Dataset = (
+            CaptionedScenes(self.num_samples, seed=seed, split="train", image_size=self.image_size,
+                            digit_fraction=self.digit_fraction, mention=self.mention)
+            if self.corpus == "scenes"
+            else DomainCaptions(self.num_samples, seed=seed, split="train", image_size=self.image_size)
         )
         return DataLoader(
             scenes, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,

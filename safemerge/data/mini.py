@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from safemerge.data.registry import SPLITS, Split, Task, register_task
+from safemerge.data.tasks import SPLITS, Split, Task
 from safemerge.data.templates import TEMPLATES
 from safemerge.data.transforms import carve
 
@@ -677,14 +677,14 @@ def build_mini(task: str, split: Split, *, root: Path | None, image_size: int, d
     return MiniTaskDataset(task, split, seed=seed, image_size=image_size)
 
 
-for _name, _definition in _MINI_TASKS.items():
-    register_task(
-        Task(
-            name=_name,
-            classnames=_definition.classnames,
-            templates=_definition.templates,
-            build=functools.partial(build_mini, _name),
-            needs_root=False,
-            layout="(built in: rendered by safemerge.data.mini)",
-        )
+TASKS: tuple[Task, ...] = tuple(
+    Task(
+        name=_name,
+        classnames=_definition.classnames,
+        templates=_definition.templates,
+        build=functools.partial(build_mini, _name),
+        needs_root=False,
+        layout="(built in: rendered by safemerge.data.mini)",
     )
+    for _name, _definition in _MINI_TASKS.items()
+)

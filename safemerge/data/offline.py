@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from safemerge.data.registry import Split, Task, register_task
+from safemerge.data.tasks import Split, Task
 from safemerge.data.templates import TEMPLATES
 from safemerge.data.transforms import carve
 
@@ -51,7 +51,7 @@ def build_digits(split: Split, *, root: Path | None, image_size: int, download: 
     return SmallImages(images[index], labels[index], image_size)
 
 
-register_task(
+TASKS: tuple[Task, ...] = (
     Task(
         name="digits",
         classnames=tuple(str(digit) for digit in range(10)),
@@ -59,5 +59,5 @@ register_task(
         build=build_digits,
         needs_root=False,
         layout="(built in: scikit-learn's load_digits, no files needed)",
-    )
+    ),
 )

@@ -30,7 +30,7 @@ from urllib.error import URLError
 from torch.utils.data import Dataset, Subset
 from torchvision import datasets as tv
 
-from safemerge.data.registry import SPLITS, Split, Task, register_task
+from safemerge.data.tasks import SPLITS, Split, Task
 from safemerge.data.templates import CLASSNAMES, TEMPLATES
 from safemerge.data.transforms import carve, carve_val, to_pixels
 from safemerge.errors import ConfigError, DatasetNotFoundError
@@ -381,14 +381,14 @@ DATASETS: tuple[RealDataset, ...] = (
     ),
 )
 
-for _dataset in DATASETS:
-    register_task(
-        Task(
-            name=_dataset.task,
-            classnames=CLASSNAMES[_dataset.task],
-            templates=TEMPLATES[_dataset.task],
-            build=_dataset,
-            needs_root=True,
-            layout=_dataset.layout,
-        )
+TASKS: tuple[Task, ...] = tuple(
+    Task(
+        name=_dataset.task,
+        classnames=CLASSNAMES[_dataset.task],
+        templates=TEMPLATES[_dataset.task],
+        build=_dataset,
+        needs_root=True,
+        layout=_dataset.layout,
     )
+    for _dataset in DATASETS
+)

@@ -1,63 +1,19 @@
-"""The task registry: one name per task, with its class names, prompt templates and splits.
+"""The task registry: one name per task.
 
-A task is data (:class:`Task`); registering one is a single :func:`register_task` call. Every
-dataset builder returns a ``torch.utils.data.Dataset`` of ``(image, label)`` pairs where
-``image`` is a float tensor in [0, 1] of shape ``[3, image_size, image_size]`` and ``label`` an
-``int`` — pixel space, as everywhere in safemerge.
+The built-in domain modules export their tasks as ``TASKS`` and are collected here on first
+look-up; :func:`register_task` adds a user's task. Task and split types live in
+:mod:`safemerge.data.tasks`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Literal, Protocol, Sequence
-
-from torch.utils.data import Dataset
-
+from safemerge.data.tasks import SPLITS, Split, SplitBuilder, Task, check_templates
 from safemerge.errors import UnknownTaskError
 
-Split = Literal["train", "val", "test"]
-SPLITS: tuple[Split, ...] = ("train", "val", "test")
-
-
-class SplitBuilder(Protocol):
-    def __call__(
-        self, split: Split, *, root: Path | None, image_size: int, download: bool, seed: int
-    ) -> Dataset: ...
-
-
-@dataclass(frozen=True)
-class Task:
-    """A classification task.
-
-    Attributes:
-        name: registry key, e.g. ``"mnist"``.
-        classnames: human-readable class names, index = label.
-        templates: prompt templates, each a callable ``classname -> prompt``
-            (CLIP's published lists, as the task-vector literature uses them).
-        build: returns one split as a dataset of ``([3, S, S] float in [0, 1], int)`` pairs.
-        needs_root: whether the task reads files from a user-given root (real datasets)
-            or is built from data that ships with Python packages.
-        layout: how the files under ``root`` must look; shown when they are missing.
-    """
-
-    name: str
-    classnames: tuple[str, ...]
-    templates: tuple[Callable[[str], str], ...]
-    build: SplitBuilder
-    needs_root: bool = True
-    layout: str = ""
-    aliases: tuple[str, ...] = field(default=())
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classnames)
-
-    def prompts(self, classname: str) -> list[str]:
-        return [template(classname) for template in self.templates]
-
+__all__ = ["SPLITS", "Split", "SplitBuilder", "Task", "check_templates", "get_task", "register_task", "task_names"]
 
 _TASKS: dict[str, Task] = {}
+_BUILTIN_LOADED = False
 
 
 def register_task(task: Task) -> Task:
@@ -82,11 +38,13 @@ def task_names() -> list[str]:
 
 
 def _load_builtin_tasks() -> None:
-    # Importing the modules registers their tasks; kept lazy so importing the registry is cheap.
-    from safemerge.data import mini, offline, real  # noqa: F401
+    # Lazy, so importing the registry is cheap; the domain modules never import it back.
+    global _BUILTIN_LOADED
+    if _BUILTIN_LOADED:
+        return
+    _BUILTIN_LOADED = True
+    from safemerge.data import domains, mini, offline, real
 
-
-def check_templates(templates: Sequence[Callable[[str], str]]) -> None:
-    for template in templates:
-        if not isinstance(template("x"), str):
-            raise TypeError("a template must map a class name to a prompt string")
+    for module in (mini, domains, offline, real):
+        for task in module.TASKS:
+            register_task(task)

@@ -39,6 +39,10 @@ class PretrainModule(L.LightningModule):
         warmup_steps: linear warm-up before cosine decay.
         max_logit_scale: cap of the logit scale (CLIP: 100).
         output: weights file to write at the end (``.safetensors``), or None.
+        init: weights to start from (a pretrained tag or file, as in ``load_clip``); None:
+            random initialisation. Continuing from an earlier model reuses its compute.
+        snapshots: also write the weights at every validation, as ``<output>.step<N>.safetensors``
+            (to choose the pretraining length by measuring what each length gives).
     """
 
     def __init__(
@@ -49,10 +53,12 @@ class PretrainModule(L.LightningModule):
         warmup_steps: int = 200,
         max_logit_scale: float = 100.0,
         output: str | None = None,
+        init: str | None = None,
+        snapshots: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        clip = load_clip(model, None)
+        clip = load_clip(model, init)
         self.model = clip.model.train()
         self.context_length = clip.context_length
         self.image_size = clip.image_size
@@ -118,6 +124,9 @@ class PretrainModule(L.LightningModule):
             values.append(value)
             self.log(f"val/{task.name}/zero_shot_acc", value, add_dataloader_idx=False)
         self.log("val/zero_shot_acc", sum(values) / len(values), prog_bar=True, add_dataloader_idx=False)
+        output = self.hparams.output
+        if output and self.hparams.snapshots and self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            self.export(Path(output).with_suffix(f".step{self.global_step}.safetensors"))
 
     def on_fit_end(self) -> None:
         if self.hparams.output and self.trainer.is_global_zero and not self.trainer.interrupted:
