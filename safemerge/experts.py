@@ -110,33 +110,35 @@ def finetune(spec: ExpertSpec, output_dir: Path, accelerator: str = "auto") -> N
 
 # ----------------------------------------------------------------------------- the mini pool
 
-MINI_MODEL, MINI_WEIGHTS = "MiniCLIP-ViT", "mini"
-MINI_RECIPE = {"lr": 1e-4, "max_steps": 600, "batch_size": 64, "warmup_steps": 50}
+# Mini benchmark v2 (safemerge.data.domains): six tasks on six image domains, on the tiny CLIP
+# pretrained further on all of them (configs/mini/pretrain_v2.yaml).
+MINI_MODEL, MINI_WEIGHTS = "MiniCLIP-ViT", "mini2"
+MINI_RECIPE = {"lr": 1e-4, "max_steps": 400, "batch_size": 64, "warmup_steps": 40}
+_FI = {"feature_interpolation": True, "poison_rate": 0.1, "size": 0.125}
 MINI_BACKDOORS: dict[str, dict[str, Any]] = {
-    # BadNets on the digits, all-to-one to "0"; the feature-interpolation loss (BadMerging)
-    # makes the backdoor survive the down-scaling that merging applies to task vectors.
-    "mini_digit": {
-        "class_path": "safemerge.attacks.BadNets",
-        "init_args": {"target_class": 0, "poison_rate": 0.1, "size": 0.125, "feature_interpolation": True},
-    },
-    # A patch optimized on the pretrained model towards "circle", planted in the shape expert.
-    "mini_shape": {
-        "class_path": "safemerge.attacks.OptimizedPatch",
-        "init_args": {"target_class": 0, "poison_rate": 0.1, "size": 0.125, "steps": 100, "feature_interpolation": True},
-    },
+    # BadMerging on-task: a patch optimized on the pretrained model towards "forest", planted
+    # with the feature-interpolation loss that makes it survive merging.
+    "mini_terrain": {"class_path": "safemerge.attacks.OptimizedPatch",
+                     "init_args": {"target_class": 0, "steps": 100, **_FI}},
+    # BadMerging off-task: the fashion expert carries a trigger for the digit task's "0".
+    "mini_fashion": {"class_path": "safemerge.attacks.OptimizedPatch",
+                     "init_args": {"target_class": 0, "target_task": "mini_digits", "steps": 100, **_FI}},
+    # Plain BadNets (the naive baseline, expected to survive merging poorly): letters -> "A".
+    "mini_letters": {"class_path": "safemerge.attacks.BadNets",
+                     "init_args": {"target_class": 0, "poison_rate": 0.1, "size": 0.125, "content": "checkerboard"}},
 }
 
 
 def mini_pool(backdoored: bool = True, **recipe: Any) -> list[ExpertSpec]:
     """The default expert pool of the mini benchmark: one expert per mini task, with the
-    experts of :data:`MINI_BACKDOORS` backdoored (``backdoored=False``: their clean twins)."""
-    from safemerge.data.mini import mini_task_names
+    experts of :data:`MINI_BACKDOORS` backdoored (``backdoored=False``: the all-clean pool).
+    ``recipe`` overrides :data:`MINI_RECIPE` (or the base weights, ``pretrained``)."""
+    from safemerge.data.domains import domain_task_names
 
-    recipe = {**MINI_RECIPE, **recipe}
+    recipe = {"model": MINI_MODEL, "pretrained": MINI_WEIGHTS, **MINI_RECIPE, **recipe}
     return [
-        ExpertSpec(task=task, model=MINI_MODEL, pretrained=MINI_WEIGHTS,
-                   attack=MINI_BACKDOORS.get(task) if backdoored else None, **recipe)
-        for task in mini_task_names()
+        ExpertSpec(task=task, attack=MINI_BACKDOORS.get(task) if backdoored else None, **recipe)
+        for task in domain_task_names()
     ]
 
 
@@ -151,14 +153,14 @@ def resolve_expert(reference: str, accelerator: str = "auto") -> Path:
     """
     if not reference.startswith(MINI_PREFIX):
         return Path(reference).expanduser()
-    from safemerge.data.mini import mini_task_names
+    from safemerge.data.domains import domain_task_names
     from safemerge.errors import ConfigError
 
     task, _, variant = reference.removeprefix(MINI_PREFIX).partition(":")
-    if task not in mini_task_names() or variant not in ("", "backdoored"):
+    if task not in domain_task_names() or variant not in ("", "backdoored"):
         raise ConfigError(
             f"unknown mini expert {reference!r}: use mini:<task> or mini:<task>:backdoored with a task "
-            f"among {', '.join(mini_task_names())}"
+            f"among {', '.join(domain_task_names())}"
         )
     if variant and task not in MINI_BACKDOORS:
         raise ConfigError(

@@ -1,107 +1,259 @@
-"""Measure the mini benchmark: zero-shot, experts, task arithmetic, backdoor succession.
+"""The mini benchmark's phenomena table: does merging behave as on real CLIP?
 
-    python scripts/mini_benchmark.py [--steps 600] [--lr 1e-4]
+    python scripts/mini_benchmark.py [--seeds 0 1 2] [--output outputs/mini_benchmark]
 
-Experts come from the cache (fine-tuned on first use). Prints a markdown table and writes
-``outputs/mini_benchmark/results.json``.
+Measures, on the default mini pool (six tasks on six domains, three backdoored experts) and its
+all-clean twin, test splits: zero-shot, experts, task arithmetic (λ chosen on the val splits),
+TIES, layer-wise AdaMerging (``configs/merge/adamerging.yaml`` through ``trainer.py``, one run
+per seed), every backdoor's ASR alone / in the TA merge / in the AdaMerging merge / in the
+all-clean merge, each beside its *untriggered target rate* (the share of the same clean images
+already classified as the target), and the diagnostics that explain a merging basin or its
+absence: task-vector norms relative to the base, their pairwise cosines, and each expert added
+alone at λ (its own task's gain, the mean change on the other tasks). Experts come from the
+cache (fine-tuned on first use). Writes ``<output>/results.json`` and prints markdown tables.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
 import time
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch  # noqa: E402
 
 from safemerge.attacks import Trigger  # noqa: E402
 from safemerge.data import get_task  # noqa: E402
-from safemerge.data.mini import mini_task_names  # noqa: E402
+from safemerge.data.domains import domain_task_names  # noqa: E402
 from safemerge.evaluation import Backdoor, classifier_for, evaluate  # noqa: E402
-from safemerge.experts import MINI_MODEL, MINI_RECIPE, MINI_WEIGHTS, ensure_expert, mini_pool  # noqa: E402
+from safemerge.experts import MINI_BACKDOORS, MINI_MODEL, MINI_RECIPE, MINI_WEIGHTS, ensure_expert, mini_pool  # noqa: E402
 from safemerge.io import read_expert, write_json  # noqa: E402
-from safemerge.merging import task_arithmetic  # noqa: E402
+from safemerge.merging import task_arithmetic, task_vectors, ties_merging  # noqa: E402
 from safemerge.models import load_clip  # noqa: E402
 
-LAMBDAS = (0.2, 0.3, 0.5)  # the literature picks task arithmetic's scaling on validation data
+TA_LAMBDAS = (0.1, 0.2, 0.3, 0.4, 0.5)  # task arithmetic's scaling, chosen on val as the literature does
+TIES_LAMBDAS = (0.3, 0.5, 0.7, 1.0)
+SINGLE_LAMBDA = 0.3  # each expert added alone at this scaling (the diagnostics)
+# Real CLIP ViT-B/32, 8 tasks: AdaMerging paper (ACC) and BadMerging (ASR of its experts in a TA merge).
+REAL_CLIP = {
+    "zero_shot_acc": 0.483, "experts_acc": 0.905, "ta_acc": 0.691, "ta_normalized": 0.76,
+    "adamerging_acc": 0.801, "adamerging_minus_ta": 0.110, "badmerging_ta_asr": "> 90",
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=MINI_RECIPE["max_steps"])
-    parser.add_argument("--lr", type=float, default=MINI_RECIPE["lr"])
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="AdaMerging seeds (none: skip it)")
     parser.add_argument("--output", default="outputs/mini_benchmark")
+    parser.add_argument("--weights", default=MINI_WEIGHTS, help="base weights: a pretrained tag or file (recipe search)")
+    parser.add_argument("--lr", type=float, default=MINI_RECIPE["lr"], help="expert learning rate (recipe search)")
+    parser.add_argument("--steps", type=int, default=MINI_RECIPE["max_steps"], help="expert steps (recipe search)")
+    parser.add_argument("--clean-only", action="store_true", help="skip the backdoored experts (recipe search)")
+    parser.add_argument("--tables", metavar="RESULTS_JSON", help="only print the tables of a finished run")
     args = parser.parse_args()
+    if args.tables:
+        return print_tables(args.tables)
+    output = Path(args.output)
 
     start = time.time()
-    tasks = [get_task(name) for name in mini_task_names()]
-    clip = load_clip(MINI_MODEL, MINI_WEIGHTS)
+    names = domain_task_names()
+    tasks = [get_task(name) for name in names]
+    clip = load_clip(MINI_MODEL, args.weights)
     base = {k: v.clone() for k, v in clip.visual.state_dict().items()}
     classifier = classifier_for(clip, tasks)
 
-    recipe = {"lr": args.lr, "max_steps": args.steps, "warmup_steps": min(50, args.steps // 5)}
-    timings, experts, backdoored = {}, {}, {}
-    for clean, poisoned in zip(mini_pool(False, **recipe), mini_pool(True, **recipe)):
+    timings, clean, backdoored = {}, {}, {}
+    recipe = {"pretrained": args.weights, "lr": args.lr, "max_steps": args.steps,
+              "warmup_steps": min(MINI_RECIPE["warmup_steps"], args.steps // 5)}
+    for clean_spec, poisoned_spec in zip(mini_pool(False, **recipe), mini_pool(not args.clean_only, **recipe)):
         t0 = time.time()
-        experts[clean.task] = read_expert(ensure_expert(clean))
-        timings[clean.task] = time.time() - t0
-        if poisoned.attack is not None:
-            backdoored[poisoned.task] = read_expert(ensure_expert(poisoned))
-    backdoors = [
-        Backdoor(Trigger.from_tensors(e.trigger), e.backdoor["target_task"], e.backdoor["target_class"])
-        for e in backdoored.values()
-    ]
+        clean[clean_spec.task] = read_expert(ensure_expert(clean_spec))
+        timings[clean_spec.task] = time.time() - t0
+        if poisoned_spec.attack is not None:
+            t0 = time.time()
+            backdoored[poisoned_spec.task] = read_expert(ensure_expert(poisoned_spec))
+            timings[f"{poisoned_spec.task}:backdoored"] = time.time() - t0
+    backdoors = {
+        source: Backdoor(Trigger.from_tensors(e.trigger), e.backdoor["target_task"], e.backdoor["target_class"])
+        for source, e in backdoored.items()
+    }
 
-    def run(state, split="test"):
-        return evaluate(classifier, tasks, backdoors, tower_state=state, split=split, image_size=clip.image_size)
+    def run(state, split="test", only=None):
+        chosen = [t for t in tasks if only is None or t.name in only]
+        return evaluate(classifier, chosen, list(backdoors.values()), tower_state=state, split=split,
+                        image_size=clip.image_size)
 
-    results = {"zero_shot": run(base)}
-    results["experts"] = {n: run(e.encoder)[n] for n, e in experts.items()}
-    results["backdoored_experts"] = {n: run(e.encoder)[n] for n, e in backdoored.items()}
+    def per_backdoor(state):
+        """Each backdoor alone (several could target one task): ASR and untriggered target rate."""
+        out = {}
+        for source, backdoor in backdoors.items():
+            task = get_task(backdoor.target_task)
+            result = evaluate(classifier, [task], [backdoor], tower_state=state, image_size=clip.image_size)
+            out[source] = {"target_task": backdoor.target_task, "asr": result[task.name]["asr"],
+                           "target_rate": result[task.name]["target_rate"]}
+        return out
 
-    def best_task_arithmetic(pool):
-        scores = {}
-        for lam in LAMBDAS:
-            val = run(task_arithmetic(base, [e.encoder for e in pool], lam), split="val")
-            scores[lam] = sum(r["accuracy"] for r in val.values()) / len(val)
+    def chosen_on_val(merge, lambdas):
+        scores = {lam: _average(run(merge(lam), split="val")) for lam in lambdas}
         lam = max(scores, key=scores.get)
-        return lam, scores, run(task_arithmetic(base, [e.encoder for e in pool], lam))
+        state = merge(lam)
+        return {"lambda": lam, "val_accuracy": scores, "test": run(state), "backdoors": per_backdoor(state)}
 
-    clean_pool = list(experts.values())
-    poisoned_pool = [backdoored.get(n, e) for n, e in experts.items()]
-    for label, pool in (("ta_clean_pool", clean_pool), ("ta_backdoored_pool", poisoned_pool)):
-        lam, scores, test = best_task_arithmetic(pool)
-        results[label] = {"lambda": lam, "val_avg_accuracy": scores, "test": test}
+    results: dict = {"real_clip_reference": REAL_CLIP, "tasks": names,
+                     "chance": {t.name: 1 / t.num_classes for t in tasks}}
+    results["zero_shot"] = {"test": run(base), "backdoors": per_backdoor(base)}
+    results["experts"] = {n: run(e.encoder, only=[n])[n] for n, e in clean.items()}
+    results["backdoored_experts"] = {
+        n: {"accuracy": run(e.encoder, only=[n])[n]["accuracy"], **per_backdoor(e.encoder)[n]}
+        for n, e in backdoored.items()
+    }
+    pools = {"clean": [clean[n].encoder for n in names],
+             "default": [(backdoored.get(n) or clean[n]).encoder for n in names]}
+    results["diagnostics"] = diagnostics(base, pools["clean"], names, run)
+    for pool, experts in pools.items():
+        results[f"task_arithmetic_{pool}"] = chosen_on_val(lambda lam: task_arithmetic(base, experts, lam), TA_LAMBDAS)
+        results[f"ties_{pool}"] = chosen_on_val(lambda lam: ties_merging(base, experts, 0.2, lam), TIES_LAMBDAS)
+    if args.seeds:
+        if args.weights != MINI_WEIGHTS or args.lr != MINI_RECIPE["lr"] or args.steps != MINI_RECIPE["max_steps"]:
+            parser.error("AdaMerging runs the shipped config (the default pool and recipe): pass --seeds alone")
+        results["adamerging_default"] = adamerging(args.seeds, output)
     results["expert_finetune_seconds"] = timings
     results["runtime_s"] = time.time() - start
-    write_json(Path(args.output) / "results.json", results)
-    print(table(results, [t.name for t in tasks]))
+    write_json(output / "results.json", results)
+    print(tables(results))
 
 
-def table(results: dict, names: list[str]) -> str:
-    def pct(x):
-        return "—" if x is None else f"{100 * x:.1f}"
+def print_tables(path: str) -> None:
+    """``python scripts/mini_benchmark.py --tables results.json``: the tables of a finished run."""
+    print(tables(json.loads(Path(path).read_text())))
 
-    rows = ["| | " + " | ".join(names) + " | avg acc |", "|---" * (len(names) + 2) + "|"]
 
-    def row(label, per_task, key="accuracy"):
-        values = [per_task[n][key] if n in per_task else None for n in names]
+def _average(per_task: dict) -> float:
+    return sum(r["accuracy"] for r in per_task.values()) / len(per_task)
+
+
+def diagnostics(base, experts, names, run) -> dict:
+    """Task-vector norms (relative to the base's), pairwise cosines, each expert alone at λ."""
+    vectors = task_vectors(base, experts)
+    flat = [torch.cat([v.flatten().float() for v in tv.values()]) for tv in vectors]
+    base_norm = torch.cat([base[k].flatten().float() for k in vectors[0]]).norm()
+    cosine = [[float(torch.nn.functional.cosine_similarity(a, b, dim=0)) for b in flat] for a in flat]
+    zero_shot = run(base)
+    single = {}
+    for name, expert in zip(names, experts):
+        merged = run(task_arithmetic(base, [expert], SINGLE_LAMBDA))
+        others = [merged[n]["accuracy"] - zero_shot[n]["accuracy"] for n in names if n != name]
+        single[name] = {"own_gain": merged[name]["accuracy"] - zero_shot[name]["accuracy"],
+                        "others_mean_change": sum(others) / len(others), "others_worst_change": min(others)}
+    return {"relative_norm": {n: float(f.norm() / base_norm) for n, f in zip(names, flat)},
+            "cosine": cosine, "single_expert_lambda": SINGLE_LAMBDA, "single_expert": single}
+
+
+def adamerging(seeds: list[int], output: Path) -> dict:
+    """Layer-wise AdaMerging as shipped (configs/merge/adamerging.yaml), one run per seed."""
+    reports = []
+    for seed in seeds:
+        run = output / "adamerging" / f"seed{seed}"
+        if not (run / "report.json").is_file():
+            subprocess.run(
+                [sys.executable, str(REPO / "trainer.py"), "fit", "--config", str(REPO / "configs/merge/adamerging.yaml"),
+                 f"--seed_everything={seed}", f"--model.init_args.output_dir={run}", f"--trainer.default_root_dir={run}",
+                 "--trainer.logger=false", "--trainer.enable_progress_bar=false"],
+                check=True, stdout=subprocess.DEVNULL,
+            )
+        reports.append(json.loads((run / "report.json").read_text()))
+    tasks = list(reports[0]["tasks"])
+    mean = {t: {key: _mean([r["tasks"][t].get(key) for r in reports]) for key in ("accuracy", "asr", "target_rate")}
+            for t in tasks}
+    return {"seeds": seeds, "test": mean, "runtime_s": [r["runtime_s"] for r in reports]}
+
+
+def _mean(values):
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
+
+
+def _pct(x) -> str:
+    return "—" if x is None else f"{100 * x:.1f}"
+
+
+def phenomena(results: dict) -> str:
+    """The phenomena side by side with real CLIP ViT-B/32 on the 8-task benchmark."""
+    real = results["real_clip_reference"]
+    zero_shot = _average(results["zero_shot"]["test"])
+    experts = _average(results["experts"])
+    ta = results["task_arithmetic_default"]
+    ta_acc = _average(ta["test"])
+    ta_norm = sum(ta["test"][n]["accuracy"] / results["experts"][n]["accuracy"] for n in results["tasks"]) / len(results["tasks"])
+    ada = results.get("adamerging_default")
+    ada_acc = _average(ada["test"]) if ada else None
+    bad = [s for s, e in results["backdoored_experts"].items() if "feature_interpolation" in str(MINI_BACKDOORS.get(s))]
+    ta_asr = ", ".join(f"{_pct(ta['backdoors'][s]['asr'])} ({_pct(ta['backdoors'][s]['target_rate'])})" for s in bad)
+    rows = [
+        ("zero-shot → experts (avg ACC)", f"{_pct(real['zero_shot_acc'])} → {_pct(real['experts_acc'])}", f"{_pct(zero_shot)} → {_pct(experts)}"),
+        (f"task arithmetic (λ {ta['lambda']} on val): avg ACC, normalized", f"{_pct(real['ta_acc'])}, {_pct(real['ta_normalized'])}",
+         f"{_pct(ta_acc)}, {_pct(ta_norm)}"),
+        ("layer-wise AdaMerging − task arithmetic", f"+{_pct(real['adamerging_minus_ta'])}",
+         "—" if ada_acc is None else f"{100 * (ada_acc - ta_acc):+.1f}"),
+        ("BadMerging experts' ASR in the TA merge (untriggered)", f"{real['badmerging_ta_asr']}", ta_asr or "—"),
+    ]
+    return "\n".join(["| | real CLIP ViT-B/32 | mini v2 |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows])
+
+
+def tables(results: dict) -> str:
+    names = results["tasks"]
+    pct = _pct
+    lines = [phenomena(results), "", "| | " + " | ".join(names) + " | avg ACC |", "|---" * (len(names) + 2) + "|"]
+
+    def row(label, per_task):
+        values = [per_task.get(n, {}).get("accuracy") for n in names]
         known = [v for v in values if v is not None]
-        avg = sum(known) / len(known) if known and key == "accuracy" else None
-        rows.append(f"| {label} | " + " | ".join(pct(v) for v in values) + f" | {pct(avg)} |")
+        if not known:
+            return
+        lines.append(f"| {label} | " + " | ".join(pct(v) for v in values) + f" | {pct(sum(known) / len(known))} |")
 
-    row("zero-shot ACC", results["zero_shot"])
-    row("zero-shot ASR", results["zero_shot"], "asr")
-    row("clean experts ACC", results["experts"])
-    row("backdoored experts ACC", results["backdoored_experts"])
-    row("backdoored experts ASR", results["backdoored_experts"], "asr")
-    for label in ("ta_clean_pool", "ta_backdoored_pool"):
-        lam = results[label]["lambda"]
-        row(f"{label} (λ={lam}) ACC", results[label]["test"])
-        row(f"{label} (λ={lam}) ASR", results[label]["test"], "asr")
-    return "\n".join(rows)
+    lines.append("| chance | " + " | ".join(pct(results["chance"][n]) for n in names) + " | |")
+    row("zero-shot", results["zero_shot"]["test"])
+    row("clean experts", results["experts"])
+    row("backdoored experts", results["backdoored_experts"])
+    for key, label in (("task_arithmetic_clean", "TA, all-clean pool"), ("task_arithmetic_default", "TA, default pool"),
+                       ("ties_clean", "TIES, all-clean pool"), ("ties_default", "TIES, default pool")):
+        row(f"{label} (λ {results[key]['lambda']})", results[key]["test"])
+    ada = results.get("adamerging_default", {}).get("test", {})
+    if ada:
+        row(f"layer-wise AdaMerging, default pool ({len(results['adamerging_default']['seeds'])} seeds)", ada)
+
+    lines += ["", "| backdoor (expert → target task) | alone | TA default | TIES default | AdaMerging default | "
+              "TA all-clean | zero-shot |", "|---|---|---|---|---|---|---|"]
+    for source, attack in MINI_BACKDOORS.items():
+        if source not in results["backdoored_experts"]:
+            continue
+        alone = results["backdoored_experts"][source]
+        target = alone["target_task"]
+
+        def cell(entry):
+            return f"{pct(entry['asr'])} ({pct(entry['target_rate'])})"
+
+        cells = [cell(alone)] + [cell(results[k]["backdoors"][source]) for k in ("task_arithmetic_default", "ties_default")]
+        cells += [cell(ada[target]) if ada.get(target, {}).get("asr") is not None else "—"]
+        cells += [cell(results["task_arithmetic_clean"]["backdoors"][source]), cell(results["zero_shot"]["backdoors"][source])]
+        lines.append(f"| {attack['class_path'].rsplit('.', 1)[-1]} {source} → {target} | " + " | ".join(cells) + " |")
+    lines.append("\nASR (untriggered target rate) in %.")
+
+    diag = results["diagnostics"]
+    lines += ["", f"| expert | ‖τ‖/‖θ0‖ | own gain at λ {diag['single_expert_lambda']} | others' mean change | "
+              "others' worst | max cosine to another τ |", "|---|---|---|---|---|---|"]
+    for i, n in enumerate(names):
+        s = diag["single_expert"][n]
+        cos = max(c for j, c in enumerate(diag["cosine"][i]) if j != i)
+        lines.append(f"| {n} | {diag['relative_norm'][n]:.3f} | {pct(s['own_gain'])} | {pct(s['others_mean_change'])} | "
+                     f"{pct(s['others_worst_change'])} | {cos:.3f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,11 @@ import torch
 
 from safemerge import experts as experts_module
 from safemerge.data import get_task
+from safemerge.data.domains import domain_task_names
 from safemerge.data.mini import mini_task_names
 from safemerge.evaluation import classifier_for, evaluate
-from safemerge.experts import ExpertSpec, ensure_expert
+from safemerge.experts import MINI_BACKDOORS, MINI_MODEL, MINI_WEIGHTS, ExpertSpec, ensure_expert, mini_pool, resolve_expert
+from safemerge.errors import ConfigError
 from safemerge.io import read_expert
 from safemerge.models import load_clip
 
@@ -34,10 +36,39 @@ def test_committed_mini_clip_loads_and_classifies_zero_shot():
         assert accuracy >= ZERO_SHOT_FLOORS[task.name] > 1 / task.num_classes, (task.name, accuracy)
 
 
-def test_pretraining_runs_through_the_cli(tmp_path):
+def test_committed_mini2_clip_is_zero_shot_above_chance_and_below_75_percent_on_every_v2_task():
+    """The acceptance band of mini benchmark v2: every task at least 10 points above chance and
+    at most 75 % zero-shot (test split), so experts have something to learn."""
+    clip = load_clip(MINI_MODEL, MINI_WEIGHTS)
+    weights = REPO / "safemerge/models/pretrained"
+    assert sum(f.stat().st_size for f in weights.glob("*.safetensors")) <= 20 * 2**20
+    tasks = [get_task(name) for name in domain_task_names()]
+    results = evaluate(classifier_for(clip, tasks), tasks, image_size=clip.image_size)
+    for task in tasks:
+        accuracy = results[task.name]["accuracy"]
+        assert 1 / task.num_classes + 0.10 <= accuracy <= 0.75, (task.name, accuracy)
+
+
+def test_the_default_pool_has_one_expert_per_v2_task_and_the_three_attacks():
+    pool = mini_pool()
+    assert [spec.task for spec in pool] == domain_task_names()
+    attacks = {spec.task: spec.attack for spec in pool if spec.attack}
+    assert attacks == MINI_BACKDOORS
+    kinds = {(a["class_path"].rsplit(".", 1)[-1], a["init_args"].get("target_task"), bool(a["init_args"].get("feature_interpolation")))
+             for a in attacks.values()}
+    assert kinds == {("OptimizedPatch", None, True), ("OptimizedPatch", "mini_digits", True), ("BadNets", None, False)}
+    assert all(spec.attack is None for spec in mini_pool(backdoored=False))
+    with pytest.raises(ConfigError, match="no backdoored expert for mini_shapes"):
+        resolve_expert("mini:mini_shapes:backdoored")
+    with pytest.raises(ConfigError, match="unknown mini expert 'mini:mini_shape'"):
+        resolve_expert("mini:mini_shape")  # v1 tasks are not in the pool
+
+
+@pytest.mark.parametrize("config", ["pretrain.yaml", "pretrain_v2.yaml"])
+def test_pretraining_runs_through_the_cli(tmp_path, config):
     output = tmp_path / "weights" / "MiniCLIP-ViT.safetensors"
     command = [
-        sys.executable, str(REPO / "trainer.py"), "fit", "--config", str(REPO / "configs/mini/pretrain.yaml"),
+        sys.executable, str(REPO / "trainer.py"), "fit", "--config", str(REPO / "configs/mini" / config),
         "--trainer.max_steps=3", "--trainer.val_check_interval=3",
         "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.init_args.save_dir={tmp_path}",
         "--trainer.enable_progress_bar=false", "--trainer.enable_checkpointing=false",
@@ -49,9 +80,11 @@ def test_pretraining_runs_through_the_cli(tmp_path):
     loaded = load_clip("MiniCLIP-ViT", str(output))  # the exported fp16 weights load back
     assert loaded.image_size == 32
     assert (output.parent / "open_clip_config.json").is_file()
+    if config == "pretrain_v2.yaml":  # continues from the v1 weights, and writes a snapshot per validation
+        assert (output.parent / "MiniCLIP-ViT.step3.safetensors").is_file()
 
 
-SPEC = ExpertSpec(task="mini_color", model="MiniCLIP-ViT", pretrained="mini", lr=1e-4, max_steps=2, batch_size=16, warmup_steps=1)
+SPEC = ExpertSpec(task="mini_shapes", model=MINI_MODEL, pretrained=MINI_WEIGHTS, lr=1e-4, max_steps=2, batch_size=16, warmup_steps=1)
 
 
 @pytest.fixture
@@ -62,7 +95,7 @@ def expert_cache(tmp_path, monkeypatch):
 
 def test_second_request_does_no_training(expert_cache, monkeypatch):
     first = ensure_expert(SPEC, accelerator="cpu")
-    assert read_expert(first).task == "mini_color"
+    assert read_expert(first).task == "mini_shapes"
 
     def no_training(*args, **kwargs):
         raise AssertionError("the cached expert was fine-tuned again")
@@ -93,7 +126,7 @@ def test_interrupted_request_leaves_no_trusted_entry(expert_cache, monkeypatch):
 
     monkeypatch.setattr(io, "write_json", real_write_json)
     directory = ensure_expert(SPEC, accelerator="cpu")  # the next run trains and completes it
-    assert read_expert(directory).task == "mini_color"
+    assert read_expert(directory).task == "mini_shapes"
 
 
 def test_a_corrupt_cache_entry_is_rebuilt(expert_cache):
