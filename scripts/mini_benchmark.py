@@ -193,7 +193,8 @@ def phenomena(results: dict) -> str:
     ada = results.get("adamerging_default")
     ada_acc = _average(ada["test"]) if ada else None
     bad = [s for s, e in results["backdoored_experts"].items() if "feature_interpolation" in str(MINI_BACKDOORS.get(s))]
-    ta_asr = ", ".join(f"{_pct(ta['backdoors'][s]['asr'])} ({_pct(ta['backdoors'][s]['target_rate'])})" for s in bad)
+    ta_asr = ", ".join(f"{s} → {ta['backdoors'][s]['target_task']}: {_pct(ta['backdoors'][s]['asr'])} "
+                       f"({_pct(ta['backdoors'][s]['target_rate'])})" for s in bad)
     rows = [
         ("zero-shot → experts (avg ACC)", f"{_pct(real['zero_shot_acc'])} → {_pct(real['experts_acc'])}", f"{_pct(zero_shot)} → {_pct(experts)}"),
         (f"task arithmetic (λ {ta['lambda']} on val): avg ACC, normalized", f"{_pct(real['ta_acc'])}, {_pct(real['ta_normalized'])}",
