@@ -45,11 +45,15 @@ class ExpertSpec:
     batch_size: int = 64
     seed: int = 0
     split_seed: int = 0
+    tuned_blocks: int | None = None  # None: every parameter
 
     def key(self) -> str:
         from safemerge.models.loading import weights_fingerprint
 
-        identity = {**asdict(self), "weights": weights_fingerprint(self.model, self.pretrained), "recipe": RECIPE_VERSION}
+        fields = asdict(self)
+        if fields["tuned_blocks"] is None:  # the default: keep the keys of experts cached before it existed
+            del fields["tuned_blocks"]
+        identity = {**fields, "weights": weights_fingerprint(self.model, self.pretrained), "recipe": RECIPE_VERSION}
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
         label = self.task + ("-" + self.attack["class_path"].rsplit(".", 1)[-1].lower() if self.attack else "")
         return f"{label}-{digest[:16]}"
@@ -92,7 +96,7 @@ def finetune(spec: ExpertSpec, output_dir: Path, accelerator: str = "auto") -> N
         attack = parser.instantiate_classes(parser.parse_object({"attack": spec.attack})).attack
     module = FinetuneModule(
         model=spec.model, pretrained=spec.pretrained, lr=spec.lr, weight_decay=spec.weight_decay,
-        warmup_steps=spec.warmup_steps, output_dir=str(output_dir),
+        warmup_steps=spec.warmup_steps, tuned_blocks=spec.tuned_blocks, output_dir=str(output_dir),
     )
     data = TaskDataModule(
         spec.task, attack=attack, batch_size=spec.batch_size, eval_batch_size=500,

@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--weights", default=MINI_WEIGHTS, help="base weights: a pretrained tag or file (recipe search)")
     parser.add_argument("--lr", type=float, default=MINI_RECIPE["lr"], help="expert learning rate (recipe search)")
     parser.add_argument("--steps", type=int, default=MINI_RECIPE["max_steps"], help="expert steps (recipe search)")
+    parser.add_argument("--tuned-blocks", type=int, help="tune only the last N blocks (recipe search)")
     parser.add_argument("--clean-only", action="store_true", help="skip the backdoored experts (recipe search)")
     parser.add_argument("--tables", metavar="RESULTS_JSON", help="only print the tables of a finished run")
     args = parser.parse_args()
@@ -69,7 +70,7 @@ def main() -> None:
 
     timings, clean, backdoored = {}, {}, {}
     recipe = {"pretrained": args.weights, "lr": args.lr, "max_steps": args.steps,
-              "warmup_steps": min(MINI_RECIPE["warmup_steps"], args.steps // 5)}
+              "warmup_steps": min(MINI_RECIPE["warmup_steps"], args.steps // 5), "tuned_blocks": args.tuned_blocks}
     for clean_spec, poisoned_spec in zip(mini_pool(False, **recipe), mini_pool(not args.clean_only, **recipe)):
         t0 = time.time()
         clean[clean_spec.task] = read_expert(ensure_expert(clean_spec))
@@ -119,7 +120,8 @@ def main() -> None:
         results[f"task_arithmetic_{pool}"] = chosen_on_val(lambda lam: task_arithmetic(base, experts, lam), TA_LAMBDAS)
         results[f"ties_{pool}"] = chosen_on_val(lambda lam: ties_merging(base, experts, 0.2, lam), TIES_LAMBDAS)
     if args.seeds:
-        if args.weights != MINI_WEIGHTS or args.lr != MINI_RECIPE["lr"] or args.steps != MINI_RECIPE["max_steps"]:
+        shipped = (MINI_WEIGHTS, MINI_RECIPE["lr"], MINI_RECIPE["max_steps"], MINI_RECIPE.get("tuned_blocks"))
+        if (args.weights, args.lr, args.steps, args.tuned_blocks) != shipped:
             parser.error("AdaMerging runs the shipped config (the default pool and recipe): pass --seeds alone")
         results["adamerging_default"] = adamerging(args.seeds, output)
     results["expert_finetune_seconds"] = timings

@@ -8,9 +8,10 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from safemerge.attacks import Attack, Trigger, optimize_trigger
+from safemerge.errors import ConfigError
 from safemerge.data.datamodule import TaskDataModule
 from safemerge.modules.schedule import warmup_cosine
 from safemerge.io import Expert, expert_info, write_expert
@@ -42,6 +43,8 @@ class FinetuneModule(L.LightningModule):
         lr: peak learning rate of AdamW (task-vector literature: 1e-5 for ViT-B).
         weight_decay: AdamW weight decay (literature: 0.1).
         warmup_steps: linear warm-up steps before the cosine decay (literature: 500).
+        tuned_blocks: tune only the last ``tuned_blocks`` transformer blocks of a ViT tower (and
+            its final norm and projection); None tunes every parameter (the literature).
         output_dir: where the expert directory is written; None writes nothing.
     """
 
@@ -53,12 +56,15 @@ class FinetuneModule(L.LightningModule):
         lr: float = 1e-5,
         weight_decay: float = 0.1,
         warmup_steps: int = 500,
+        tuned_blocks: int | None = None,
         output_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.clip = load_clip(model, pretrained, config=model_config)
         self.image_size = self.clip.image_size
+        if tuned_blocks is not None:
+            _tune_last_blocks(self.clip.visual, tuned_blocks, model)
         self.classifier: ImageClassifier | None = None
 
     # ------------------------------------------------------------------ set-up
@@ -195,3 +201,19 @@ class FinetuneModule(L.LightningModule):
         encoder = {name: t.detach() for name, t in self.classifier.tower.state_dict().items()}
         trigger = dm.trigger.to_tensors() if dm.trigger is not None else None
         return write_expert(directory, Expert(encoder=encoder, info=info, trigger=trigger))
+
+
+def _tune_last_blocks(tower: nn.Module, count: int, model: str) -> None:
+    """Freeze everything but the last ``count`` blocks, the final norm and the projection."""
+    blocks = getattr(getattr(tower, "transformer", None), "resblocks", None)
+    if blocks is None:
+        raise ConfigError(f"tuned_blocks needs a ViT image tower; {model}'s has no transformer blocks")
+    if not 0 <= count <= len(blocks):
+        raise ConfigError(f"tuned_blocks must be in 0..{len(blocks)} for {model}, got {count}")
+    tower.requires_grad_(False)
+    for block in list(blocks)[len(blocks) - count:]:
+        block.requires_grad_(True)
+    for name in ("ln_post", "proj"):  # a module and a parameter in open_clip's ViT
+        part = getattr(tower, name, None)
+        if part is not None:
+            part.requires_grad_(True)
