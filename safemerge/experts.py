@@ -117,7 +117,7 @@ def finetune(spec: ExpertSpec, output_dir: Path, accelerator: str = "auto") -> N
 # Mini benchmark v2 (safemerge.data.domains): six tasks on six image domains, on the tiny CLIP
 # pretrained further on all of them (configs/mini/pretrain_v2.yaml).
 MINI_MODEL, MINI_WEIGHTS = "MiniCLIP-ViT", "mini2"
-MINI_RECIPE = {"lr": 1e-4, "max_steps": 400, "batch_size": 64, "warmup_steps": 40}
+MINI_RECIPE = {"lr": 3e-4, "max_steps": 400, "batch_size": 64, "warmup_steps": 40, "tuned_blocks": 2}
 _FI = {"feature_interpolation": True, "poison_rate": 0.1, "size": 0.125}
 MINI_BACKDOORS: dict[str, dict[str, Any]] = {
     # BadMerging on-task: a patch optimized on the pretrained model towards "forest", planted

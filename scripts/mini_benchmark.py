@@ -36,7 +36,7 @@ from safemerge.io import read_expert, write_json  # noqa: E402
 from safemerge.merging import task_arithmetic, task_vectors, ties_merging  # noqa: E402
 from safemerge.models import load_clip  # noqa: E402
 
-TA_LAMBDAS = (0.1, 0.2, 0.3, 0.4, 0.5)  # task arithmetic's scaling, chosen on val as the literature does
+TA_LAMBDAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0)  # task arithmetic's scaling, chosen on val as the literature does
 TIES_LAMBDAS = (0.3, 0.5, 0.7, 1.0)
 SINGLE_LAMBDA = 0.3  # each expert added alone at this scaling (the diagnostics)
 # Real CLIP ViT-B/32, 8 tasks: AdaMerging paper (ACC) and BadMerging (ASR of its experts in a TA merge).
@@ -53,7 +53,8 @@ def main() -> None:
     parser.add_argument("--weights", default=MINI_WEIGHTS, help="base weights: a pretrained tag or file (recipe search)")
     parser.add_argument("--lr", type=float, default=MINI_RECIPE["lr"], help="expert learning rate (recipe search)")
     parser.add_argument("--steps", type=int, default=MINI_RECIPE["max_steps"], help="expert steps (recipe search)")
-    parser.add_argument("--tuned-blocks", type=int, help="tune only the last N blocks (recipe search)")
+    parser.add_argument("--tuned-blocks", type=int, default=MINI_RECIPE["tuned_blocks"],
+                        help="tune only the last N blocks (recipe search; -1: every block)")
     parser.add_argument("--clean-only", action="store_true", help="skip the backdoored experts (recipe search)")
     parser.add_argument("--tables", metavar="RESULTS_JSON", help="only print the tables of a finished run")
     args = parser.parse_args()
@@ -70,7 +71,7 @@ def main() -> None:
 
     timings, clean, backdoored = {}, {}, {}
     recipe = {"pretrained": args.weights, "lr": args.lr, "max_steps": args.steps,
-              "warmup_steps": min(MINI_RECIPE["warmup_steps"], args.steps // 5), "tuned_blocks": args.tuned_blocks}
+              "warmup_steps": min(MINI_RECIPE["warmup_steps"], args.steps // 5), "tuned_blocks": None if args.tuned_blocks == -1 else args.tuned_blocks}
     for clean_spec, poisoned_spec in zip(mini_pool(False, **recipe), mini_pool(not args.clean_only, **recipe)):
         t0 = time.time()
         clean[clean_spec.task] = read_expert(ensure_expert(clean_spec))
@@ -120,7 +121,7 @@ def main() -> None:
         results[f"task_arithmetic_{pool}"] = chosen_on_val(lambda lam: task_arithmetic(base, experts, lam), TA_LAMBDAS)
         results[f"ties_{pool}"] = chosen_on_val(lambda lam: ties_merging(base, experts, 0.2, lam), TIES_LAMBDAS)
     if args.seeds:
-        shipped = (MINI_WEIGHTS, MINI_RECIPE["lr"], MINI_RECIPE["max_steps"], MINI_RECIPE.get("tuned_blocks"))
+        shipped = (MINI_WEIGHTS, MINI_RECIPE["lr"], MINI_RECIPE["max_steps"], MINI_RECIPE["tuned_blocks"])
         if (args.weights, args.lr, args.steps, args.tuned_blocks) != shipped:
             parser.error("AdaMerging runs the shipped config (the default pool and recipe): pass --seeds alone")
         results["adamerging_default"] = adamerging(args.seeds, output)
