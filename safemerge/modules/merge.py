@@ -18,7 +18,7 @@ from safemerge.data.registry import get_task
 from safemerge.errors import CheckpointError, ConfigError, SafemergeError
 from safemerge.evaluation import Backdoor, classifier_for
 from safemerge.experts import resolve_expert
-from safemerge.io import Expert, expert_info, read_expert, save_tensors, write_expert
+from safemerge.io import Expert, check_weights, expert_info, read_expert, save_tensors, write_expert
 from safemerge.merging import LearnedMerge, MergedEncoder, MergeMethod, StaticMerge
 from safemerge.merging.learner import MergeLearner
 from safemerge.metrics import AttackSuccessRate, PredictionShare, task_accuracy
@@ -329,19 +329,7 @@ def _validate(pool: list[tuple[str, Expert]], base: dict[str, Tensor]) -> None:
         if task.name in seen:
             raise ConfigError(f"experts {seen[task.name]!r} and {ref!r} are both for task {task.name}: keep one per task")
         seen[task.name] = ref
-        missing, unexpected = sorted(base.keys() - expert.encoder.keys()), sorted(expert.encoder.keys() - base.keys())
-        if missing or unexpected:
-            raise CheckpointError(
-                f"expert {ref!r} does not match the base's image tower: missing {missing[:3]}, unexpected {unexpected[:3]}"
-            )
-        for name, tensor in expert.encoder.items():
-            if tensor.shape != base[name].shape:
-                raise CheckpointError(
-                    f"expert {ref!r}: tensor {name!r} has shape {tuple(tensor.shape)}, the base's is {tuple(base[name].shape)}"
-                )
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                bad = int((~torch.isfinite(tensor)).sum())
-                raise CheckpointError(f"expert {ref!r}: tensor {name!r} has {bad} non-finite values (NaN or inf)")
+        check_weights(expert.encoder, base, f"expert {ref!r}")
 
 
 def _backdoors(pool: list[tuple[str, Expert]], tasks: list[str]) -> tuple[list[Backdoor], list[dict]]:
