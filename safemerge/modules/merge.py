@@ -7,6 +7,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
@@ -49,6 +50,10 @@ class MergeModule(L.LightningModule):
         pretrained: pretrained weights of the base; None takes the experts'.
         model_config: JSON file of a custom open_clip architecture named ``model``.
         output_dir: where the report and the merged tower are written; None writes nothing.
+        task_vector_dtype: storage of the task vectors, ``float32`` or ``bfloat16`` (half the
+            memory; the merged weights are still formed in float32).
+        checkpoint_chunk: images per checkpointed chunk of the merged tower's forward while
+            learning (None: no checkpointing); bounds activation memory at scale.
     """
 
     def __init__(
@@ -59,6 +64,8 @@ class MergeModule(L.LightningModule):
         pretrained: str | None = None,
         model_config: str | None = None,
         output_dir: str | None = "outputs/merge",
+        task_vector_dtype: Literal["float32", "bfloat16"] = "float32",
+        checkpoint_chunk: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["method"])
@@ -83,7 +90,8 @@ class MergeModule(L.LightningModule):
         self.classifier = classifier_for(self.clip, tasks)
         self.clip.model = None  # the text tower's job ends with the heads
         states = [expert.encoder for _, expert in pool]
-        self.encoder = MergedEncoder(self.classifier.tower, states)
+        self.encoder = MergedEncoder(
+            self.classifier.tower, states, vector_dtype=getattr(torch, task_vector_dtype), checkpoint_chunk=checkpoint_chunk)
         self.learner: MergeLearner | None = None
         self.static_weights: dict[str, Tensor] | None = None
         if isinstance(method, LearnedMerge):
