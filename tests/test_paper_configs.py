@@ -225,8 +225,10 @@ def test_paper_grid_runs_end_to_end_on_the_mini_pool(tmp_path):
                "--model", "MiniCLIP-ViT", "--pretrained", "mini", "--pool", "mini", "--attack", "badnets",
                "--adversary", "mini_digit", "--methods", "task_arithmetic", "dam_task_arithmetic", "--seeds", "0",
                "--output", str(tmp_path / "out"),
-               "--finetune-args", " ".join(TWO_STEPS_FINETUNE[:-3] + ["--trainer.precision=32", "--data.init_args.batch_size=16"]),
-               "--merge-args", "--model.init_args.method.init_args.steps=2 --trainer.precision=32 --trainer.logger=false"]
+               "--finetune-args", " ".join(TWO_STEPS_FINETUNE[:5] + ["--trainer.precision=32", "--data.init_args.batch_size=16",
+                                                                     "--data.init_args.num_workers=0"]),
+               "--merge-args", "--model.init_args.method.init_args.steps=2 --trainer.precision=32 --trainer.logger=false "
+                               "--data.init_args.num_workers=0"]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stderr[-4000:]
     out = tmp_path / "out" / "MiniCLIP-ViT" / "mini" / "badnets"
