@@ -42,6 +42,7 @@ def add_common_args(parser, tasks: str) -> None:
     parser.add_argument("--steps", type=int, default=3, help="measured steps (after --warmup)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--model", default="ViT-B-32", help="open_clip architecture (random weights)")
+    parser.add_argument("--image-size", type=int, default=224, help="image side in pixels (the model's own size)")
     parser.add_argument("--classes", type=int, default=10, help="classes per task head")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", action="store_true", help="autocast the forward in bfloat16")
@@ -68,9 +69,11 @@ def autocast(args):
 
 
 def make_tower(model: str, device: str = "cpu") -> torch.nn.Module:
-    """The image tower of an open_clip architecture with random weights (no download)."""
+    """The image tower of an open_clip architecture with random weights (no download); also
+    safemerge's own tiny architectures (``TinyCLIP-ViT-32``), for quick checks of the scripts."""
     import open_clip
 
+    open_clip.add_model_config(ROOT / "safemerge" / "models" / "architectures")
     return open_clip.create_model(model, pretrained=None).visual.to(device).eval()
 
 
@@ -233,7 +236,7 @@ def run_worker(argv: list[str], python: str = sys.executable, timeout: float = 9
 def forwarded_args(args) -> list[str]:
     """The common options, to pass on to a worker."""
     out = ["--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--model", args.model, "--classes", str(args.classes), "--device", args.device,
+           "--model", args.model, "--image-size", str(args.image_size), "--classes", str(args.classes), "--device", args.device,
            "--threads", str(args.threads), "--seed", str(args.seed)]
     return out + (["--bf16"] if args.bf16 else [])
 

@@ -45,14 +45,14 @@ def worker(args) -> dict:
     memory = common.Memory(args.device)
     T, B, device = args.num_tasks, args.batch, args.device
     tower = common.make_tower(args.model, device)
-    heads = common.make_heads(T, common.output_dim(tower), args.classes, args.seed, device)
-    batch = common.make_images(T, B, args.seed, device)
+    heads = common.make_heads(T, common.output_dim(tower, args.image_size), args.classes, args.seed, device)
+    batch = common.make_images(T, B, args.seed, device, size=args.image_size)
     experts = [common.expert_state(tower, i, args.seed) for i in range(T)]
     encoder = MergedEncoder(tower, experts)
     del experts
     classifier = ImageClassifier(tower, heads, common.MEAN, common.STD).to(device)
     method = DAMAdaMerging(granularity="layer", steps=10**6)
-    learner = MergeLearner(encoder, classifier, method, list(batch), image_size=224, seed=args.seed).to(device)
+    learner = MergeLearner(encoder, classifier, method, list(batch), image_size=args.image_size, seed=args.seed).to(device)
     optimizers = learner.make_optimizers()
     counter = iter(range(10**9))
 

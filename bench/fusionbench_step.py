@@ -40,8 +40,8 @@ def worker(args) -> dict:
     memory = common.Memory(args.device)
     T, B, device = args.num_tasks, args.batch, args.device
     pretrained = common.make_tower(args.model, device)
-    heads = common.make_heads(T, common.output_dim(pretrained), args.classes, args.seed, device)
-    images = common.make_images(T, B, args.seed, device)
+    heads = common.make_heads(T, common.output_dim(pretrained, args.image_size), args.classes, args.seed, device)
+    images = common.make_images(T, B, args.seed, device, size=args.image_size)
     tasks = list(images)
 
     finetuned = []

@@ -13,6 +13,7 @@ import contextvars
 import hashlib
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -153,10 +154,16 @@ def resolve_expert(reference: str, accelerator: str = "auto") -> Path:
     """The expert directory a config names: a path, or a mini-pool expert fine-tuned on first use.
 
     ``mini:<task>`` is the clean mini expert of ``<task>``; ``mini:<task>:backdoored`` its
-    backdoored twin from :data:`MINI_BACKDOORS`.
+    backdoored twin from :data:`MINI_BACKDOORS`. A path may use ``~`` and environment
+    variables (``$SAFEMERGE_EXPERTS/gtsrb``, as the paper configs do).
     """
     if not reference.startswith(MINI_PREFIX):
-        return Path(reference).expanduser()
+        path = os.path.expandvars(os.path.expanduser(reference))
+        if "$" in path:
+            from safemerge.errors import ConfigError
+
+            raise ConfigError(f"expert {reference!r}: an environment variable in it is not set (e.g. export SAFEMERGE_EXPERTS=/path/to/experts/ViT-B-32)")
+        return Path(path)
     from safemerge.data.domains import domain_task_names
     from safemerge.errors import ConfigError
 

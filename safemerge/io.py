@@ -78,42 +78,86 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor]) -
 # ----------------------------------------------------------------------------- safe reads
 
 
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+
 def load_tensors(path: str | os.PathLike) -> StateDict:
     """Read a flat ``name -> tensor`` checkpoint without executing code.
 
     Accepts safetensors, and pickled ``.pt``/``.pth``/``.bin``/``.ckpt`` files that hold only
     tensors and plain containers (a ``{"state_dict": ...}`` wrapper and a ``module.`` prefix
-    from DDP are unwrapped).
+    from DDP are unwrapped). Every refusal is one line naming the file. Symlinks are followed
+    (hub caches are built from them).
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.suffix not in CHECKPOINT_SUFFIXES:
+        raise CheckpointError(
+            f"checkpoint {path} has an unknown suffix {path.suffix!r}; expected one of {', '.join(CHECKPOINT_SUFFIXES)}"
+        )
     if path.suffix == ".safetensors":
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as err:
             raise CheckpointError(
-                f"checkpoint {path} is not a readable safetensors file ({err}); "
+                f"checkpoint {path} is not a readable safetensors file ({_first_line(err)}); "
                 "it may be truncated or corrupt: re-create or re-download it"
-            ) from err
+            ) from None
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise UnsafeCheckpointError(
             f"refusing to load {path}: it is a pickle that needs arbitrary Python objects to "
             "load, which could run code. Only tensors are accepted; convert it on a trusted "
-            "machine to safetensors (safetensors.torch.save_file(model.state_dict(), ...))."
-            f"\n  detail: {str(err).splitlines()[0]}"
+            "machine to safetensors (safetensors.torch.save_file(model.state_dict(), ...)). "
+            f"Detail: {_unpickling_detail(err)}"
         ) from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise CheckpointError(f"checkpoint {path} cannot be read ({err})") from err
+    except Exception as err:  # torch's zip and legacy readers raise many kinds on damaged input
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {_first_line(err)})") from None
     if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):
         data = data["state_dict"]
-    if not isinstance(data, Mapping) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+    if not isinstance(data, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()):
         raise CheckpointError(f"checkpoint {path} is not a flat mapping of names to tensors")
     if data and all(k.startswith("module.") for k in data):
         data = {k.removeprefix("module."): v for k, v in data.items()}
     return dict(data)
+
+
+def check_weights(state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse weights that do not fit an architecture (``reference``, e.g. the base's state dict):
+    missing or unexpected tensors, another shape, a dtype that is not the reference's kind
+    (real floating point where the reference is floating point, e.g. no int or complex weights),
+    non-finite values. ``source`` names the weights in the one-line error."""
+    missing, unexpected = sorted(reference.keys() - state.keys()), sorted(state.keys() - reference.keys())
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source} does not match the architecture: {len(missing)} missing tensors (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
+    for name, tensor in state.items():
+        expected = reference[name]
+        if tensor.shape != expected.shape:
+            raise CheckpointError(
+                f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, the architecture's is {tuple(expected.shape)}"
+            )
+        if tensor.is_floating_point() != expected.is_floating_point() or tensor.is_complex():
+            raise CheckpointError(f"{source}: tensor {name!r} has dtype {tensor.dtype}, the architecture's is {expected.dtype}")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f"{source}: tensor {name!r} has {bad} non-finite values (NaN or inf)")
+
+
+def _unpickling_detail(err: BaseException) -> str:
+    """The line of torch's weights-only error that names what the pickle asked for."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
+    return (named or lines or [type(err).__name__])[0][:300]
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -122,8 +166,10 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{path} does not exist") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path} is a directory, not a JSON file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err})") from err
+        raise CheckpointError(f"{path} is not valid JSON ({_first_line(err)})") from None
 
 
 # ----------------------------------------------------------------------------- expert directory
@@ -146,7 +192,15 @@ class Expert:
         return self.info.get("backdoor")
 
 
-_REQUIRED_INFO = {"format": str, "model": str, "task": str, "num_classes": int, "metrics": dict}
+# The fields of expert.json: name -> (accepted types, required). A field not listed is refused:
+# a typo or another tool's file must not be half-read.
+_NONE = type(None)
+_INFO_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
+    "format": ((str,), True), "model": ((str,), True), "pretrained": ((str, _NONE), True),
+    "task": ((str,), True), "num_classes": ((int,), True), "backdoor": ((dict, _NONE), True),
+    "metrics": ((dict,), True), "image_size": ((int,), False), "tasks": ((list,), False), "method": ((str,), False),
+}
+_BACKDOOR_FIELDS = {"attack": (str,), "target_class": (int,), "target_task": (str, _NONE)}
 
 
 def expert_info(
@@ -198,22 +252,40 @@ def read_expert(directory: str | os.PathLike) -> Expert:
                 f"{ENCODER_FILE}, {EXPERT_FILE} and, for an optimized trigger, {TRIGGER_FILE}"
             )
     info = read_json(directory / EXPERT_FILE)
-    if not isinstance(info, dict):
-        raise CheckpointError(f"{directory / EXPERT_FILE} must hold a JSON object")
-    for key, kind in _REQUIRED_INFO.items():
-        if not isinstance(info.get(key), kind):
-            raise CheckpointError(
-                f"{directory / EXPERT_FILE} has no valid {key!r} field "
-                f"(expected {kind.__name__}, got {info.get(key)!r})"
-            )
-    if info["format"] != EXPERT_FORMAT:
-        raise CheckpointError(
-            f"{directory / EXPERT_FILE} has format {info['format']!r}; expected {EXPERT_FORMAT!r}"
-        )
+    _check_info(info, directory / EXPERT_FILE)
     encoder = load_tensors(directory / ENCODER_FILE)
     trigger_path = directory / TRIGGER_FILE
     trigger = load_tensors(trigger_path) if trigger_path.is_file() else None
     return Expert(encoder=encoder, info=info, trigger=trigger)
+
+
+def _check_info(info: Any, path: Path) -> None:
+    """expert.json against the contract: the format, every field known, present and well typed."""
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(info).__name__}")
+    if info.get("format") != EXPERT_FORMAT:
+        raise CheckpointError(f"{path} has format {info.get('format')!r}; expected {EXPERT_FORMAT!r}")
+    unknown = sorted(info.keys() - _INFO_FIELDS.keys())
+    if unknown:
+        raise CheckpointError(f"{path} has unknown fields {unknown}; known: {', '.join(_INFO_FIELDS)}")
+    for key, (kinds, required) in _INFO_FIELDS.items():
+        if key in info or required:
+            _check_field(info, key, kinds, path)
+    if info["num_classes"] < 1:
+        raise CheckpointError(f"{path}: num_classes must be >= 1, got {info['num_classes']}")
+    if info["backdoor"] is not None:
+        for key, kinds in _BACKDOOR_FIELDS.items():
+            if key in info["backdoor"] or key != "target_task":
+                _check_field(info["backdoor"], key, kinds, path, "backdoor.")
+
+
+def _check_field(document: dict, key: str, kinds: tuple[type, ...], path: Path, prefix: str = "") -> None:
+    value = document.get(key, ...)
+    # bool is an int to Python, not to the contract
+    if value is ... or not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        names = " or ".join("null" if k is _NONE else k.__name__ for k in kinds)
+        found = "it is missing" if value is ... else f"got {value!r}"[:80]
+        raise CheckpointError(f"{path} has no valid {prefix}{key!r} field (expected {names}; {found})")
 
 
 def cache_dir(*parts: str) -> Path:

@@ -16,7 +16,7 @@ from safemerge.metrics import AttackSuccessRate
 from safemerge.models import ImageClassifier, cached_zero_shot_head, load_clip
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+CONFIGS = sorted(c for c in (REPO / "configs").rglob("*.yaml") if "paper" not in c.parts)  # paper/: composed, tests/test_paper_configs.py
 FINETUNE = str(REPO / "configs" / "finetune.yaml")
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.logger=false"]
 

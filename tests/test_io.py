@@ -1,38 +1,14 @@
-"""Safe checkpoint reading, atomic writes, and expert-directory validation."""
+"""Checkpoint reading, atomic writes, and the expert-directory round trip."""
 
 import json
 import os
-import pickle
 
 import pytest
 import torch
 
-from safemerge.errors import CheckpointError, UnsafeCheckpointError
 from safemerge.io import (
     Expert, expert_info, load_tensors, read_expert, save_tensors, write_expert, write_json,
 )
-
-MARKER_ENV = "SAFEMERGE_PWNED_MARKER"
-
-
-class _RunsCodeOnLoad:
-    """Unpickling this calls os.system-like code: the attack a checkpoint can carry."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))  # would create the marker file when unpickled
-
-
-def test_pickle_that_runs_code_is_refused_and_code_never_runs(tmp_path):
-    marker = tmp_path / "pwned"
-    path = tmp_path / "evil.pt"
-    with open(path, "wb") as f:
-        pickle.dump({"weight": _RunsCodeOnLoad(str(marker))}, f)
-    with pytest.raises(UnsafeCheckpointError, match="refusing to load .*evil.pt.*safetensors"):
-        load_tensors(path)
-    assert not marker.exists()
 
 
 def test_tensor_pickles_and_safetensors_load(tmp_path):
@@ -43,14 +19,6 @@ def test_tensor_pickles_and_safetensors_load(tmp_path):
         loaded = load_tensors(tmp_path / name)
         assert loaded.keys() == state.keys()
         assert all(torch.equal(loaded[k], state[k]) for k in state)
-
-
-def test_truncated_safetensors_is_a_clear_error(tmp_path):
-    path = tmp_path / "w.safetensors"
-    save_tensors(path, {"a": torch.ones(100)})
-    path.write_bytes(path.read_bytes()[:50])
-    with pytest.raises(CheckpointError, match="truncated or corrupt"):
-        load_tensors(path)
 
 
 def test_interrupted_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
@@ -81,18 +49,4 @@ def test_expert_round_trip(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["expert"]  # no temporary folder left behind
 
 
-@pytest.mark.parametrize(
-    "damage, message",
-    [
-        (lambda d: (d / "encoder.safetensors").unlink(), "missing encoder.safetensors"),
-        (lambda d: (d / "expert.json").unlink(), "missing expert.json"),
-        (lambda d: (d / "expert.json").write_text("{not json"), "not valid JSON"),
-        (lambda d: (d / "encoder.safetensors").write_bytes(b"\x00" * 7), "truncated or corrupt"),
-        (lambda d: (d / "expert.json").write_text('{"format": "x"}'), "no valid 'model' field"),
-    ],
-)
-def test_broken_expert_directory_is_a_clear_error(tmp_path, damage, message):
-    directory = _expert(tmp_path)
-    damage(directory)
-    with pytest.raises(CheckpointError, match=message):
-        read_expert(directory)
+# Broken and hostile checkpoints and expert directories: tests/test_hostile_checkpoints.py

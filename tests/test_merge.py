@@ -197,15 +197,15 @@ def test_bad_expert_references_are_clear_errors(args, message, pool, tmp_path, m
 # ----------------------------------------------------------------------------- DDP
 
 
-def _fit(pool, out: Path, *extra: str) -> dict[str, torch.Tensor]:
+def _fit(pool, out: Path, *extra: str, launcher=(sys.executable,), env=None) -> dict[str, torch.Tensor]:
     command = [
-        sys.executable, str(REPO / "trainer.py"), "fit", "--config", str(REPO / "configs" / "merge" / "dam_adamerging.yaml"),
+        *launcher, str(REPO / "trainer.py"), "fit", "--config", str(REPO / "configs" / "merge" / "dam_adamerging.yaml"),
         *QUIET, _experts_arg(pool), "--trainer.accelerator=cpu", "--trainer.val_check_interval=null",
         "--trainer.limit_val_batches=0", "--model.init_args.method.init_args.steps=3",
         "--model.init_args.method.init_args.adamerging_steps=2", "--model.init_args.method.init_args.perturbation_lr=0.01",
         "--data.init_args.batch_size=4", f"--model.init_args.output_dir={out}", f"--trainer.default_root_dir={out}", *extra,
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=out.parent)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=out.parent, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     return load_tensors(out / "learned.safetensors")
 
@@ -223,6 +223,29 @@ def test_ddp_learns_the_same_coefficients_and_mask_as_a_single_process(pool, tmp
     assert not torch.equal(single["coefficients"], torch.full_like(single["coefficients"], 0.3))
     report = json.loads((tmp_path / "ddp" / "report.json").read_text())
     assert report["config"]["world_size"] == 2
+
+
+@pytest.mark.slow  # two merges, one through torchrun: about 2 min on 2 cores
+def test_torchrun_processes_learn_what_one_process_learns_and_write_one_wandb_run(pool, tmp_path):
+    """The multi-node launch path (README, "Several machines"), on one node: torchrun starts two
+    gloo processes that Lightning joins from torchrun's environment; W&B, offline, records one run."""
+    import os
+
+    single = _fit(pool, tmp_path / "single")
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", "2")
+    wandb_dir = tmp_path / "wandb-logs"
+    ddp = _fit(
+        pool, tmp_path / "torchrun", "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.num_nodes=1",
+        "--trainer.logger=lightning.pytorch.loggers.WandbLogger", f"--trainer.logger.init_args.save_dir={wandb_dir}",
+        "--trainer.logger.init_args.project=safemerge-test", launcher=launcher,
+        env={**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"},
+    )
+    for name in single:
+        assert torch.allclose(single[name], ddp[name], rtol=1e-4, atol=1e-5), name
+    assert json.loads((tmp_path / "torchrun" / "report.json").read_text())["config"]["world_size"] == 2
+    runs = sorted((wandb_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, runs
+    assert list(runs[0].glob("*.wandb")), "the run recorded nothing"
 
 
 def test_an_expert_fine_tuned_while_the_cli_builds_the_merge_module_gets_its_own_hyperparameters():

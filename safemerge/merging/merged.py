@@ -4,6 +4,11 @@ The base tower is a frozen template; its weights are never overwritten. Task vec
 as one ``[T, n]`` matrix per tensor, so forming a merged tensor is one matrix–vector product
 (``λ[:, l] @ τ_l``), and back-propagating into ``λ`` and the mask is the same cheap
 element-wise work. The mask is shared by all experts, so ``Σ_i λ_i ⊙ m ⊙ τ_i = m ⊙ Σ_i λ_i τ_i``.
+
+Two options trade a little for memory at scale (bench/README.md, "Memory at scale"): task vectors
+stored in bfloat16 (half their memory; merged weights are still formed in float32, so only τ's
+rounding, 2^-9 relative, differs), and a checkpointed forward in chunks of images (only one
+chunk's activations are alive at a time; the backward recomputes each chunk's forward once).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from typing import Literal, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
 
 from safemerge.merging.arithmetic import _check_same_keys
 
@@ -29,12 +35,27 @@ class MergedEncoder(nn.Module):
 
     Every floating-point tensor of the tower's state dict is merged; other entries are the
     base's.
+
+    Args:
+        tower: the pretrained image tower (θ_0), used as a frozen template.
+        experts: the experts' state dicts of the same tower.
+        vector_dtype: storage dtype of the task vectors (``torch.bfloat16`` halves them).
+        checkpoint_chunk: with gradients enabled, run the forward in checkpointed chunks of
+            this many images (None: one plain forward).
     """
 
-    def __init__(self, tower: nn.Module, experts: Sequence[Mapping[str, Tensor]]) -> None:
+    def __init__(
+        self, tower: nn.Module, experts: Sequence[Mapping[str, Tensor]], *,
+        vector_dtype: torch.dtype = torch.float32, checkpoint_chunk: int | None = None,
+    ) -> None:
         super().__init__()
         if not experts:
             raise ValueError("merging needs at least one expert")
+        if not vector_dtype.is_floating_point:
+            raise ValueError(f"task vectors must be stored in a floating-point dtype, got {vector_dtype}")
+        if checkpoint_chunk is not None and checkpoint_chunk < 1:
+            raise ValueError(f"checkpoint_chunk must be >= 1 image, got {checkpoint_chunk}")
+        self.checkpoint_chunk = checkpoint_chunk
         self.tower = tower.requires_grad_(False)
         base = tower.state_dict()
         _check_same_keys(base, experts, "expert")
@@ -45,7 +66,7 @@ class MergedEncoder(nn.Module):
             # τ_i = θ_i − θ_0 one tensor at a time: never more than the [T, n] result at once
             stacked = torch.stack([e[name].flatten().float() for e in experts])
             stacked.sub_(base[name].flatten().float())
-            self.register_buffer(f"_vectors_{index}", stacked, persistent=False)
+            self.register_buffer(f"_vectors_{index}", stacked.to(vector_dtype), persistent=False)
 
     @property
     def num_tensors(self) -> int:
@@ -82,7 +103,8 @@ class MergedEncoder(nn.Module):
                     state[name] = _MaskedUpdate.apply(
                         coefficients[:, index], self.vectors(index), state[name], mask[index], rescale)
                     continue
-                update = (coefficients[:, index].to(self.vectors(index).dtype) @ self.vectors(index)).view(shape)
+                vectors = self.vectors(index)
+                update = (coefficients[:, index].to(_compute_dtype(vectors)) @ vectors.to(_compute_dtype(vectors))).view(shape)
                 state[name] = state[name] + update
         return state
 
@@ -93,7 +115,18 @@ class MergedEncoder(nn.Module):
         return self.weights(coefficients)
 
     def forward(self, images: Tensor, weights: Mapping[str, Tensor]) -> Tensor:
-        return functional_call(self.tower, dict(weights), (images,))
+        chunk = self.checkpoint_chunk
+        if chunk is None or len(images) <= chunk or not torch.is_grad_enabled():
+            return functional_call(self.tower, dict(weights), (images,))
+        # Non-reentrant checkpointing follows the weights captured by the closure, so gradients
+        # still reach λ and the mask; each chunk's activations are recomputed in the backward.
+        run = lambda x: functional_call(self.tower, dict(weights), (x,))  # noqa: E731
+        return torch.cat([checkpoint(run, x, use_reentrant=False) for x in images.split(chunk)])
+
+
+def _compute_dtype(vectors: Tensor) -> torch.dtype:
+    """Merged weights are formed in at least float32, whatever the task vectors are stored in."""
+    return torch.promote_types(vectors.dtype, torch.float32)
 
 
 class _MaskedUpdate(torch.autograd.Function):
@@ -107,8 +140,8 @@ class _MaskedUpdate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, lam: Tensor, vectors: Tensor, base: Tensor, mask: Tensor, rescale: bool) -> Tensor:
         ctx.lam_dtype, ctx.rescale = lam.dtype, rescale
-        lam = lam.to(vectors.dtype)
-        update = (lam @ vectors).view(mask.shape)
+        lam = lam.to(_compute_dtype(vectors))
+        update = (lam @ vectors.to(lam.dtype)).view(mask.shape)
         inv = 1.0 / mask.mean().clamp_min(torch.finfo(mask.dtype).tiny) if rescale else mask.new_ones(())
         if torch.result_type(update, mask) == update.dtype and torch.result_type(update, base) == update.dtype:
             out = update.mul_(mask).mul_(inv).add_(base)
@@ -120,6 +153,7 @@ class _MaskedUpdate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         lam, vectors, mask, inv = ctx.saved_tensors
+        vectors = vectors.to(lam.dtype)  # a transient float32 copy of one tensor's vectors if stored in bf16
         grad_lam = grad_mask = None
         if ctx.needs_input_grad[0]:
             grad_lam = (vectors @ (grad * mask).flatten().to(vectors.dtype) * inv).to(ctx.lam_dtype)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from safemerge.errors import CheckpointError, ConfigError, WeightsUnavailableError
-from safemerge.io import load_tensors
+from safemerge.io import check_weights, load_tensors
 
 log = logging.getLogger(__name__)
 
@@ -140,13 +140,8 @@ def load_clip(
 
     if local_weights is not None:
         state = load_tensors(local_weights)
-        missing, unexpected = clip.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise CheckpointError(
-                f"weights {local_weights} do not fit architecture {model!r}: "
-                f"{len(missing)} missing tensors (e.g. {missing[:3]}), "
-                f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
-            )
+        check_weights(state, clip.state_dict(), f"weights {local_weights} for architecture {model!r}")
+        clip.load_state_dict(state)
     clip.eval()
     preprocess = clip.visual.preprocess_cfg
     size = preprocess["size"]

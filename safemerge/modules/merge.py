@@ -7,6 +7,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
@@ -18,7 +19,7 @@ from safemerge.data.registry import get_task
 from safemerge.errors import CheckpointError, ConfigError, SafemergeError
 from safemerge.evaluation import Backdoor, classifier_for
 from safemerge.experts import resolve_expert
-from safemerge.io import Expert, expert_info, read_expert, save_tensors, write_expert
+from safemerge.io import Expert, check_weights, expert_info, read_expert, save_tensors, write_expert
 from safemerge.merging import LearnedMerge, MergedEncoder, MergeMethod, StaticMerge
 from safemerge.merging.learner import MergeLearner
 from safemerge.metrics import AttackSuccessRate, PredictionShare, task_accuracy
@@ -49,6 +50,10 @@ class MergeModule(L.LightningModule):
         pretrained: pretrained weights of the base; None takes the experts'.
         model_config: JSON file of a custom open_clip architecture named ``model``.
         output_dir: where the report and the merged tower are written; None writes nothing.
+        task_vector_dtype: storage of the task vectors, ``float32`` or ``bfloat16`` (half the
+            memory; the merged weights are still formed in float32).
+        checkpoint_chunk: images per checkpointed chunk of the merged tower's forward while
+            learning (None: no checkpointing); bounds activation memory at scale.
     """
 
     def __init__(
@@ -59,6 +64,8 @@ class MergeModule(L.LightningModule):
         pretrained: str | None = None,
         model_config: str | None = None,
         output_dir: str | None = "outputs/merge",
+        task_vector_dtype: Literal["float32", "bfloat16"] = "float32",
+        checkpoint_chunk: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["method"])
@@ -83,7 +90,8 @@ class MergeModule(L.LightningModule):
         self.classifier = classifier_for(self.clip, tasks)
         self.clip.model = None  # the text tower's job ends with the heads
         states = [expert.encoder for _, expert in pool]
-        self.encoder = MergedEncoder(self.classifier.tower, states)
+        self.encoder = MergedEncoder(
+            self.classifier.tower, states, vector_dtype=getattr(torch, task_vector_dtype), checkpoint_chunk=checkpoint_chunk)
         self.learner: MergeLearner | None = None
         self.static_weights: dict[str, Tensor] | None = None
         if isinstance(method, LearnedMerge):
@@ -329,19 +337,7 @@ def _validate(pool: list[tuple[str, Expert]], base: dict[str, Tensor]) -> None:
         if task.name in seen:
             raise ConfigError(f"experts {seen[task.name]!r} and {ref!r} are both for task {task.name}: keep one per task")
         seen[task.name] = ref
-        missing, unexpected = sorted(base.keys() - expert.encoder.keys()), sorted(expert.encoder.keys() - base.keys())
-        if missing or unexpected:
-            raise CheckpointError(
-                f"expert {ref!r} does not match the base's image tower: missing {missing[:3]}, unexpected {unexpected[:3]}"
-            )
-        for name, tensor in expert.encoder.items():
-            if tensor.shape != base[name].shape:
-                raise CheckpointError(
-                    f"expert {ref!r}: tensor {name!r} has shape {tuple(tensor.shape)}, the base's is {tuple(base[name].shape)}"
-                )
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                bad = int((~torch.isfinite(tensor)).sum())
-                raise CheckpointError(f"expert {ref!r}: tensor {name!r} has {bad} non-finite values (NaN or inf)")
+        check_weights(expert.encoder, base, f"expert {ref!r}")
 
 
 def _backdoors(pool: list[tuple[str, Expert]], tasks: list[str]) -> tuple[list[Backdoor], list[dict]]:
