@@ -132,6 +132,33 @@ MINI_BACKDOORS: dict[str, dict[str, Any]] = {
     "mini_letters": {"class_path": "safemerge.attacks.BadNets",
                      "init_args": {"target_class": 0, "poison_rate": 0.1, "size": 0.125, "content": "checkerboard"}},
 }
+# Backdoored experts of the held-out pools (configs/pools/mini_heldout_*.yaml): other attacks,
+# other tasks and target classes than the default (dev) pool's, never used to choose a
+# defence's hyper-parameters. ``mini:<task>:<variant>`` names one.
+MINI_HELDOUT_BACKDOORS: dict[str, dict[str, dict[str, Any]]] = {
+    "mini_shapes": {"blended": {"class_path": "safemerge.attacks.Blended",
+                                "init_args": {"target_class": 2, "poison_rate": 0.1, "alpha": 0.15,
+                                              "feature_interpolation": True}}},
+    "mini_digits": {"patch": {"class_path": "safemerge.attacks.OptimizedPatch",
+                              "init_args": {"target_class": 7, "steps": 100, "location": "top_left", **_FI}}},
+    "mini_textures": {"badnets": {"class_path": "safemerge.attacks.BadNets",
+                                  "init_args": {"target_class": 4, "poison_rate": 0.1, "size": 0.125,
+                                                "content": "solid", "location": "top_left"}}},
+    "mini_letters": {"offtask": {"class_path": "safemerge.attacks.OptimizedPatch",
+                                 "init_args": {"target_class": 1, "target_task": "mini_terrain", "steps": 100, **_FI}}},
+}
+
+
+def mini_backdoor(task: str, variant: str) -> dict[str, Any]:
+    """The attack of ``mini:<task>:<variant>``: ``backdoored`` is the default pool's."""
+    from safemerge.errors import ConfigError
+
+    variants = {**({"backdoored": MINI_BACKDOORS[task]} if task in MINI_BACKDOORS else {}),
+                **MINI_HELDOUT_BACKDOORS.get(task, {})}
+    if variant not in variants:
+        known = ", ".join(f"mini:{task}:{v}" for v in variants) or "none"
+        raise ConfigError(f"the mini pool has no {variant!r} expert for {task}; backdoored ones for {task}: {known}")
+    return variants[variant]
 
 
 def mini_pool(backdoored: bool = True, **recipe: Any) -> list[ExpertSpec]:
@@ -154,7 +181,8 @@ def resolve_expert(reference: str, accelerator: str = "auto") -> Path:
     """The expert directory a config names: a path, or a mini-pool expert fine-tuned on first use.
 
     ``mini:<task>`` is the clean mini expert of ``<task>``; ``mini:<task>:backdoored`` its
-    backdoored twin from :data:`MINI_BACKDOORS`. A path may use ``~`` and environment
+    backdoored twin from :data:`MINI_BACKDOORS`, ``mini:<task>:<variant>`` a held-out one
+    (:data:`MINI_HELDOUT_BACKDOORS`). A path may use ``~`` and environment
     variables (``$SAFEMERGE_EXPERTS/gtsrb``, as the paper configs do).
     """
     if not reference.startswith(MINI_PREFIX):
@@ -168,16 +196,11 @@ def resolve_expert(reference: str, accelerator: str = "auto") -> Path:
     from safemerge.errors import ConfigError
 
     task, _, variant = reference.removeprefix(MINI_PREFIX).partition(":")
-    if task not in domain_task_names() or variant not in ("", "backdoored"):
+    if task not in domain_task_names():
         raise ConfigError(
-            f"unknown mini expert {reference!r}: use mini:<task> or mini:<task>:backdoored with a task "
+            f"unknown mini expert {reference!r}: use mini:<task> or mini:<task>:<variant> with a task "
             f"among {', '.join(domain_task_names())}"
         )
-    if variant and task not in MINI_BACKDOORS:
-        raise ConfigError(
-            f"the mini pool has no backdoored expert for {task}; backdoored ones: "
-            + ", ".join(f"mini:{t}:backdoored" for t in MINI_BACKDOORS)
-        )
     spec = ExpertSpec(task=task, model=MINI_MODEL, pretrained=MINI_WEIGHTS,
-                      attack=MINI_BACKDOORS[task] if variant else None, **MINI_RECIPE)
+                      attack=mini_backdoor(task, variant) if variant else None, **MINI_RECIPE)
     return ensure_expert(spec, accelerator=accelerator)

@@ -13,7 +13,7 @@ from safemerge.data import get_task
 from safemerge.data.domains import domain_task_names
 from safemerge.data.mini import mini_task_names
 from safemerge.evaluation import classifier_for, evaluate
-from safemerge.experts import MINI_BACKDOORS, MINI_MODEL, MINI_WEIGHTS, ExpertSpec, ensure_expert, mini_pool, resolve_expert
+from safemerge.experts import MINI_BACKDOORS, MINI_MODEL, MINI_WEIGHTS, ExpertSpec, ensure_expert, mini_backdoor, mini_pool, resolve_expert
 from safemerge.errors import ConfigError
 from safemerge.io import read_expert
 from safemerge.models import load_clip
@@ -58,10 +58,31 @@ def test_the_default_pool_has_one_expert_per_v2_task_and_the_three_attacks():
              for a in attacks.values()}
     assert kinds == {("OptimizedPatch", None, True), ("OptimizedPatch", "mini_digits", True), ("BadNets", None, False)}
     assert all(spec.attack is None for spec in mini_pool(backdoored=False))
-    with pytest.raises(ConfigError, match="no backdoored expert for mini_shapes"):
+    with pytest.raises(ConfigError, match="no .backdoored. expert for mini_shapes; backdoored ones for mini_shapes: mini:mini_shapes:blended"):
         resolve_expert("mini:mini_shapes:backdoored")
     with pytest.raises(ConfigError, match="unknown mini expert 'mini:mini_shape'"):
         resolve_expert("mini:mini_shape")  # v1 tasks are not in the pool
+
+
+def test_held_out_pools_use_other_attacks_tasks_and_targets_than_the_dev_pool():
+    import yaml
+
+    def attacks(pool_file):
+        experts = yaml.safe_load((REPO / "configs/pools" / pool_file).read_text())["model"]["init_args"]["experts"]
+        assert [e.split(":")[1] for e in experts] == domain_task_names()
+        return {e.split(":")[1]: mini_backdoor(e.split(":")[1], e.split(":")[2]) for e in experts if e.count(":") == 2}
+
+    dev = attacks("mini_default.yaml")
+    assert dev == MINI_BACKDOORS
+    held_out = [attacks(f.name) for f in sorted((REPO / "configs/pools").glob("mini_heldout_*.yaml"))]
+    assert len(held_out) == 3 and sorted(len(pool) for pool in held_out) == [1, 1, 2]
+    dev_targets = {(a["init_args"].get("target_task") or task, a["init_args"]["target_class"]) for task, a in dev.items()}
+    for pool in held_out:
+        for task, attack in pool.items():
+            assert task not in dev or attack != dev[task]
+            assert (attack["init_args"].get("target_task") or task, attack["init_args"]["target_class"]) not in dev_targets
+    kinds = {a["class_path"].rsplit(".", 1)[-1] for pool in held_out for a in pool.values()}
+    assert kinds == {"Blended", "OptimizedPatch", "BadNets"}
 
 
 @pytest.mark.parametrize("config", ["pretrain.yaml", "pretrain_v2.yaml"])
