@@ -159,10 +159,11 @@ def test_concrete_mask_samples_expectation_and_rescaling():
     assert torch.equal(rescale(torch.zeros(3)), torch.zeros(3))
 
 
-def test_perturbation_stays_within_budget_and_pixel_range():
-    from safemerge.merging import UniversalPerturbation
+def test_additive_trigger_stays_within_budget_and_pixel_range():
+    from safemerge.defenses import AdditiveTrigger
+    from safemerge.errors import ConfigError
 
-    perturbation = UniversalPerturbation(["a", "b"], image_size=8, eps=0.05)
+    perturbation = AdditiveTrigger(["a", "b"], image_size=8, eps=0.05)
     optimizer = torch.optim.SGD(perturbation.parameters(), lr=10.0)
     images = torch.rand(4, 3, 8, 8)
     for _ in range(3):
@@ -175,8 +176,28 @@ def test_perturbation_stays_within_budget_and_pixel_range():
         assert float(perturbation.delta(task).detach().abs().max()) == pytest.approx(0.05)
         out = perturbation.apply(images, task)
         assert out.min() >= 0 and out.max() <= 1
-    with pytest.raises(ValueError, match="budget"):
-        UniversalPerturbation(["a"], 8, eps=0.0)
+    with pytest.raises(ConfigError, match="budget"):
+        AdditiveTrigger(["a"], 8, eps=0.0)
+
+
+def test_normalized_space_clamps_the_normalised_image_with_an_unbounded_delta():
+    """The released code's trigger: ``clamp(normalize(x) + δ, 0, 1)`` is what the tower sees."""
+    from safemerge.defenses import AdditiveTrigger
+
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    trigger = AdditiveTrigger(["a"], image_size=4, eps=0.01, space="normalized", mean=mean, std=std)
+    with torch.no_grad():
+        trigger.delta("a").fill_(3.0)  # far outside any pixel budget
+    trigger.project_()
+    assert float(trigger.delta("a").detach().min()) == 3.0  # not projected
+    images = torch.rand(2, 3, 4, 4)
+    m, s = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+    seen = (trigger.apply(images, "a") - m) / s  # what the classifier's normalisation gives
+    assert torch.allclose(seen, ((images - m) / s + 3.0).clamp(0, 1), atol=1e-6)
+    pixel = AdditiveTrigger(["a"], image_size=4, eps=0.1)
+    with torch.no_grad():
+        pixel.delta("a").fill_(0.1)
+    assert torch.allclose(pixel.apply(images, "a"), (images + 0.1).clamp(0, 1))
 
 
 # ----------------------------------------------------------------------------- learner
@@ -253,11 +274,11 @@ def test_every_learned_method_trains_its_own_parts_deterministically():
         learns_lambda = method.granularity is not None
         assert ("coefficients" in changed) == learns_lambda, method
         assert any(k.startswith("mask.") for k in changed) == method.has_mask, method
-        assert any(k.startswith("perturbation.") for k in changed) == method.defense, method
-        assert any(k.startswith("safety_mask.") for k in changed) == (getattr(method, "masks", "") == "dual"), method
+        assert any(k.startswith("perturbation.") for k in changed) == method.safety_aware, method
+        assert any(k.startswith("safety_mask.") for k in changed) == (getattr(method, "masks_mode", "") == "dual"), method
         assert not any(k.startswith("encoder.") for k in changed), method
         assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0]), f"{method.name} is not reproducible"
-        if method.defense:
+        if method.safety_aware:
             assert all(float(d.abs().max()) <= method.perturbation_eps + 1e-7 for d in learner.perturbation.deltas)
 
 
@@ -268,15 +289,15 @@ def test_final_mask_choices():
     with torch.no_grad():
         for logits in learner.mask.logits:
             logits.copy_(torch.randn(logits.shape))
-    discrete = learner.final_mask()
+    discrete = learner.method.fixed_mask(learner)
     for logits, mask in zip(learner.mask.logits, discrete):
         kept = logits > 0
         assert torch.allclose(mask[kept], torch.full_like(mask[kept], 1 / kept.float().mean()))
         assert not mask[~kept].any()
     learner.method.final_mask = "sample"
-    assert all(torch.equal(a, b) for a, b in zip(learner.final_mask(), learner.final_mask()))  # seeded
+    assert all(torch.equal(a, b) for a, b in zip(learner.method.fixed_mask(learner), learner.method.fixed_mask(learner)))
     learner.method.final_mask = "expected"
-    for logits, mask in zip(learner.mask.logits, learner.final_mask()):
+    for logits, mask in zip(learner.mask.logits, learner.method.fixed_mask(learner)):
         expected = torch.sigmoid(logits)
         assert torch.allclose(mask, expected / expected.mean())
 
