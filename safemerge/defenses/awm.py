@@ -58,7 +58,8 @@ class AWM(Defense):
     def build(self, learner) -> None:
         parts = nn.Module()
         parts.masked_update = MaskedUpdate(learner.encoder.shapes)
-        parts.trigger = AdditiveTrigger(learner.tasks, learner.image_size, self.perturbation_eps)
+        # straight-through clamp: the perturbation may light pixels that are black in every image
+        parts.trigger = AdditiveTrigger(learner.tasks, learner.image_size, self.perturbation_eps, straight_through=True)
         learner.defense_parts = parts.to(learner.encoder.vectors(0).device)
 
     def optimizers(self, learner) -> dict[str, torch.optim.Optimizer]:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from safemerge.defenses.base import Defense, MaskedUpdate
+from safemerge.defenses.triggers import clamp_pixels
 from safemerge.errors import ConfigError
 
 
@@ -73,7 +74,7 @@ class SAU(Defense):
         eps, size = self.perturbation_eps, 2.5 * self.perturbation_eps / self.attack_steps
         deltas = {t: torch.zeros_like(x, requires_grad=True) for t, x in batch.items()}
         for _ in range(self.attack_steps):
-            images = {t: (x + deltas[t]).clamp(0, 1) for t, x in batch.items()}
+            images = {t: clamp_pixels(x + deltas[t], straight_through=True) for t, x in batch.items()}
             ours, theirs = learner.logits(current, images), learner.logits(reference, images)
             objective = sum(shared_wrong_log_probability(ours[t], theirs[t], pseudo[t]) for t in batch)
             grads = torch.autograd.grad(objective, list(deltas.values()))

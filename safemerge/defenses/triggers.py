@@ -28,6 +28,15 @@ PerturbationSpace = Literal["pixel", "normalized"]
 TriggerShape = Literal["additive", "patch"]
 
 
+def clamp_pixels(images: Tensor, straight_through: bool = False) -> Tensor:
+    """``clamp(images, 0, 1)``; with ``straight_through`` the gradient passes the clamp as if it
+    were the identity. A plain clamp has no gradient at 0 and 1, so a perturbation that starts
+    at zero can never light a black pixel (or darken a white one): the straight-through clamp
+    lets it, while the forward pass still sees valid pixels."""
+    clamped = images.clamp(0, 1)
+    return images + (clamped - images).detach() if straight_through else clamped
+
+
 class SimulatedTrigger(nn.Module):
     """Base: one trigger per task, ``apply`` in pixel space, ``attack_loss`` to minimise."""
 
@@ -80,18 +89,21 @@ class AdditiveTrigger(SimulatedTrigger):
             δ added to the normalised image, then ``clamp(·, 0, 1)``, δ unbounded; ``mean`` and
             ``std`` map the result back to pixels so the classifier's own normalisation
             reproduces it exactly).
+        straight_through: let the gradient through the pixel clamp (:func:`clamp_pixels`);
+            False is DAM's (and the released code's) plain clamp.
     """
 
     def __init__(
         self, tasks: Sequence[str], image_size: int, eps: float, space: PerturbationSpace = "pixel",
         mean: Sequence[float] = (0.0, 0.0, 0.0), std: Sequence[float] = (1.0, 1.0, 1.0), targeted: bool = False,
+        straight_through: bool = False,
     ) -> None:
         super().__init__(tasks, targeted)
         if not 0 < eps <= 1:
             raise ConfigError(f"the perturbation budget eps is an ℓ∞ bound on pixels in [0, 1]; got {eps}")
         if space not in ("pixel", "normalized"):
             raise ConfigError(f"perturbation_space must be pixel or normalized, got {space!r}")
-        self.eps, self.space = eps, space
+        self.eps, self.space, self.straight_through = eps, space, straight_through
         self.deltas = nn.ParameterList(nn.Parameter(torch.zeros(3, image_size, image_size)) for _ in tasks)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(3, 1, 1), persistent=False)
@@ -101,7 +113,7 @@ class AdditiveTrigger(SimulatedTrigger):
 
     def apply(self, images: Tensor, task: str) -> Tensor:
         if self.space == "pixel":
-            return (images + self.delta(task)).clamp(0, 1)
+            return clamp_pixels(images + self.delta(task), self.straight_through)
         normalized = ((images - self.mean) / self.std + self.delta(task)).clamp(0, 1)
         return normalized * self.std + self.mean  # pixels whose normalisation is ``normalized``
 
