@@ -26,10 +26,23 @@ def _no_pytest_argv(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["trainer.py"])  # main(args) is the whole command line
 
 
+def _composed(config: Path) -> list[str]:
+    """The ``--config`` chain a shipped config is meant for: method, defence and DAM-option
+    files compose on top of ``configs/merge/base.yaml`` (DAM options after a DAM method)."""
+    folder = config.parent.name
+    base = REPO / "configs" / "merge" / "base.yaml"
+    chain = [config]
+    if folder == "dam":
+        chain = [base, REPO / "configs" / "merge" / "dam_task_arithmetic.yaml", config]
+    elif folder == "defense" or (folder == "merge" and config != base):
+        chain = [base, config]
+    return [arg for path in chain for arg in ("--config", str(path))]
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=[str(c.relative_to(REPO / "configs")) for c in CONFIGS])
 def test_every_shipped_config_parses(config, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(config), "--print_config"])
+        main(["fit", *_composed(config), "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = capsys.readouterr().out
     assert "class_path: safemerge." in printed
