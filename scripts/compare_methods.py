@@ -3,7 +3,8 @@
     python scripts/compare_methods.py [--seeds 0 1 2] [--methods dam_task_arithmetic ...]
         [--output outputs/compare] [-- extra trainer.py arguments]
 
-Each run is ``python trainer.py fit --config configs/merge/<method>.yaml --seed_everything S``
+Each run is ``python trainer.py fit --config configs/merge/base.yaml --config
+configs/merge/<method>.yaml --seed_everything S``
 into ``<output>/<method>/seed<S>``; runs whose report exists are skipped (delete it to redo).
 Methods that learn nothing run once (their result does not depend on the seed). The table
 (mean ± std over seeds) goes to ``<output>/comparison.md``, the plot to
@@ -35,7 +36,8 @@ def main() -> None:
     parser.add_argument("extra", nargs="*", help="arguments passed on to trainer.py (after --)")
     args = parser.parse_args()
 
-    configs = sorted((REPO / "configs" / "merge").glob("*.yaml"))
+    base = REPO / "configs" / "merge" / "base.yaml"
+    configs = sorted(c for c in (REPO / "configs" / "merge").glob("*.yaml") if c != base)
     methods = args.methods or [c.stem for c in configs]
     output = Path(args.output)
     reports = []
@@ -44,7 +46,8 @@ def main() -> None:
             run = output / method / f"seed{seed}"
             if not (run / "report.json").is_file():
                 command = [
-                    sys.executable, str(REPO / "trainer.py"), "fit", "--config", str(REPO / "configs" / "merge" / f"{method}.yaml"),
+                    sys.executable, str(REPO / "trainer.py"), "fit", "--config", str(base),
+                    "--config", str(REPO / "configs" / "merge" / f"{method}.yaml"),
                     f"--seed_everything={seed}", f"--model.init_args.output_dir={run}",
                     f"--trainer.default_root_dir={run}", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
                     *args.extra,

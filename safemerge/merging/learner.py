@@ -190,10 +190,3 @@ class MergeLearner(nn.Module):
             stats.update(owner.statistics(self))
         return stats
 
-
-def task_sum(loss: Callable[[Tensor], Tensor], logits: Mapping[str, Tensor]) -> Tensor:
-    return sum(loss(l) for l in logits.values())
-
-
-def detached(tensors: Sequence[Tensor] | None) -> list[Tensor] | None:
-    return None if tensors is None else [t.detach() for t in tensors]
