@@ -135,3 +135,54 @@ def test_defence_arguments_are_checked():
         SAU(attack_steps=0)
     with pytest.raises(ConfigError, match="perturbation_eps"):
         AWM(perturbation_eps=0.0)
+
+
+def test_attribution_names_the_expert_whose_task_vector_carries_the_trigger_and_caps_it():
+    """The base tower already classifies (signals and bias); expert "t" refines the signals,
+    expert "u" only wires the bottom-right pixel to class 0 (the backdoor). DAM's patch trigger,
+    confined to that pixel, finds it; leaving "u" out removes the trigger's effect, leaving "t"
+    out does not."""
+    from safemerge.merging import DAMTaskArithmetic
+
+    corner, bias = 3, 5  # flat pixel indices: (channel 0, row 1, col 1) is the 1x1 bottom-right window
+    base = torch.zeros(2, 12)
+    base[0, SIGNAL_0] = base[1, SIGNAL_1] = 1.0
+    base[0, bias] = base[1, bias] = 0.3
+    refinement = torch.zeros(2, 12)
+    refinement[0, SIGNAL_0] = refinement[1, SIGNAL_1] = 0.5
+    backdoor = torch.zeros(2, 12)
+    backdoor[0, corner] = 3.0
+    tower = LinearTower()
+    with torch.no_grad():
+        tower.proj.weight.copy_(base)
+    classifier = ImageClassifier(tower, {"t": LOGIT_SCALE * torch.eye(2), "u": LOGIT_SCALE * torch.eye(2)}, [0.0] * 3, [1.0] * 3)
+    encoder = MergedEncoder(tower, [{"proj.weight": base + refinement}, {"proj.weight": base + backdoor}])
+    method = DAMTaskArithmetic(scaling_factor=1.0, steps=30, mask_lr=1e-3, trigger="patch", patch_size=1,
+                               perturbation_lr=0.3, area_weight=0.0, attribution="cap", attribution_factor=0.25)
+    learner = MergeLearner(encoder, classifier, method, ["t", "u"], image_size=2)
+    optimizers = learner.make_optimizers()
+    for step in range(method.steps):
+        images, _ = clean_images(seed=step)
+        images = images.view(len(images), 12)
+        images[:, corner], images[:, bias] = 0.0, 1.0
+        images = images.view(-1, 3, 2, 2)
+        learner.training_step(step, {"t": images, "u": images}, optimizers)
+    attribution = learner.attribution
+    assert attribution["expert"] == "u", attribution
+    assert attribution["flip_rate"] > 0.3 and attribution["drop"]["u"] > 0.3 and attribution["drop"]["t"] < 0.1, attribution
+    # capped in every merge from now on; the expert itself is still evaluated as fine-tuned
+    assert float(encoder.vectors(0)[1].view(2, 12)[0, corner]) == pytest.approx(0.75)
+    assert torch.allclose(encoder.expert_weights(1)["proj.weight"], base + backdoor)
+
+
+def test_trimming_an_expert_zeroes_its_smallest_entries_over_the_whole_vector():
+    tower = LinearTower()
+    with torch.no_grad():
+        tower.proj.weight.zero_()
+    update = (torch.arange(1.0, 25.0) * torch.tensor([1.0, -1.0]).repeat(12)).view(2, 12)  # magnitudes 1..24, mixed signs
+    encoder = MergedEncoder(tower, [{"proj.weight": update}, {"proj.weight": update.clone()}])
+    encoder.edit_expert_(0, trim=0.75)
+    kept = encoder.vectors(0)[0]
+    assert int((kept != 0).sum()) == 6 and torch.equal(kept[kept != 0].abs(), torch.arange(19.0, 25.0))
+    assert torch.equal(encoder.vectors(0)[1], update.flatten())  # the other expert untouched
+    assert torch.equal(encoder.expert_weights(0)["proj.weight"], update)
