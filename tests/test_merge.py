@@ -85,6 +85,28 @@ def test_every_method_merges_through_the_cli_and_writes_the_report(config, pool,
     assert report["defense"] is None and report["config"]["defense"] is None
 
 
+def test_the_cli_resolves_mini_references_into_directories_before_building_the_module(pool, tmp_path, monkeypatch):
+    """``mini:<task>[:backdoored]`` in a config become expert directories (the mini recipe's
+    specs, fine-tuned on first use: here mapped onto the quick pool) before MergeModule exists."""
+    import safemerge.experts as experts_module
+
+    requested = []
+
+    def cached(spec, accelerator="auto"):
+        requested.append((spec.task, spec.attack is not None, spec.max_steps))
+        return Path(pool[["mini_color", "mini_shape"].index(spec.task)])
+
+    monkeypatch.setattr(experts_module, "ensure_expert", cached)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    main(["fit", "--config", str(BASE), "--config", str(REPO / "configs" / "merge" / "task_arithmetic.yaml"), *QUIET,
+          "--model.init_args.experts=[mini:mini_color,mini:mini_shape:backdoored]", "--data.init_args.eval_batch_size=250",
+          f"--model.init_args.output_dir={out}"])
+    assert requested == [("mini_color", False, 600), ("mini_shape", True, 600)]
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["experts"] == pool[:2] and list(report["tasks"]) == ["mini_color", "mini_shape"]
+
+
 def _printed_config(capsys, *configs: Path) -> dict:
     with pytest.raises(SystemExit):
         main(["fit", *(a for c in configs for a in ("--config", str(c))), "--print_config"])
