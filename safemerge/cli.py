@@ -16,6 +16,7 @@ import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
 from safemerge.errors import SafemergeError
+from safemerge.experts import MINI_PREFIX, resolve_experts
 
 
 def _default_wandb_mode() -> None:
@@ -39,6 +40,16 @@ class SafemergeCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # The model decides the image size; the datamodule serves images of that size.
         parser.link_arguments("model.image_size", "data.init_args.image_size", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        # A merge's expert pool is resolved before the merge module is built: mini-pool
+        # references become directories (fine-tuned on first use), so the module only reads
+        # experts and never builds them.
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        init_args = getattr(config.get("model"), "init_args", None)
+        experts = init_args.get("experts") if init_args is not None else None
+        if isinstance(experts, list) and any(str(e).startswith(MINI_PREFIX) for e in experts):
+            init_args.experts = resolve_experts(experts)
 
     def _check_inputs(self) -> None:
         # Loggers (W&B) start writing as soon as the trainer runs: read every input first.

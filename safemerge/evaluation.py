@@ -1,17 +1,27 @@
-"""Evaluation of an image tower on several tasks: clean ACC and ASR per backdoor."""
+"""The one evaluation path of ACC and ASR: views, metrics, and a loop for scripts.
+
+A merge is evaluated on *views* (:func:`~safemerge.data.merge.evaluation_views`): the clean split of every task (in task order), then, per
+backdoor, its target task's split with the trigger stamped on every image (true labels kept).
+:class:`Evaluation` holds the metrics of one pass over those views (per task accuracy and
+top-class share, per backdoor ASR) and turns them into per-task results.
+:class:`~safemerge.modules.MergeModule` feeds it from Lightning's evaluation loop (views served
+by :class:`~safemerge.data.MergeDataModule`), :func:`evaluate` from a plain loop (scripts).
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from safemerge.attacks import Trigger
+from safemerge.data.merge import evaluation_views
 from safemerge.data.registry import Split, Task
-from safemerge.metrics import AttackSuccessRate, task_accuracy
+from safemerge.metrics import AttackSuccessRate, PredictionShare, task_accuracy
 from safemerge.models import CLIPModel, ImageClassifier, cached_task_heads
 
 
@@ -29,6 +39,56 @@ def classifier_for(clip: CLIPModel, tasks: Sequence[Task]) -> ImageClassifier:
     return ImageClassifier(clip.visual, cached_task_heads(clip, tasks), clip.mean, clip.std).eval()
 
 
+def _value(metric) -> float | None:
+    value = float(metric.compute())
+    metric.reset()
+    return None if math.isnan(value) else value
+
+
+class Evaluation(nn.Module):
+    """Metrics of one pass over the :func:`evaluation_views` of ``tasks`` and ``backdoors``.
+
+    ASR follows the protocol: the trigger on every image of the target task, target-class
+    samples left out (:class:`~safemerge.metrics.AttackSuccessRate`), the target task's head;
+    a task attacked by several backdoors reports their mean. All states are sum-reduced, so
+    the result is exact under DDP.
+    """
+
+    def __init__(self, tasks: Sequence[Task], backdoors: Sequence[Backdoor] = ()) -> None:
+        super().__init__()
+        self.task_names = [t.name for t in tasks]
+        self.backdoors = list(backdoors)
+        self.accuracy = nn.ModuleList(task_accuracy(t.num_classes) for t in tasks)
+        self.share = nn.ModuleList(PredictionShare(t.num_classes) for t in tasks)
+        self.asr = nn.ModuleList(AttackSuccessRate(b.target_class) for b in self.backdoors)
+
+    def head(self, view: int) -> str:
+        """The task whose head classifies the images of ``view``."""
+        num_tasks = len(self.task_names)
+        return self.task_names[view] if view < num_tasks else self.backdoors[view - num_tasks].target_task
+
+    def update(self, view: int, logits: Tensor, labels: Tensor) -> None:
+        num_tasks = len(self.task_names)
+        if view < num_tasks:
+            self.accuracy[view].update(logits, labels)
+            self.share[view].update(logits)
+        else:
+            self.asr[view - num_tasks].update(logits, labels)
+
+    def compute(self) -> tuple[dict[str, dict[str, float | None]], list[float | None]]:
+        """Per task ``accuracy``, ``share`` (top-class share) and ``asr`` (None if no backdoor
+        targets it), and every backdoor's ASR; the metrics are reset."""
+        rates = [_value(m) for m in self.asr]
+        results = {}
+        for i, task in enumerate(self.task_names):
+            known = [r for r, b in zip(rates, self.backdoors) if b.target_task == task and r is not None]
+            results[task] = {
+                "accuracy": _value(self.accuracy[i]), "share": _value(self.share[i]),
+                "asr": sum(known) / len(known) if known else None,
+            }
+        return results, rates
+
+
 @torch.no_grad()
 def evaluate(
     classifier: ImageClassifier,
@@ -41,36 +101,17 @@ def evaluate(
     batch_size: int = 500,
     split_seed: int = 0,
 ) -> dict[str, dict[str, float | None]]:
-    """``{task: {"accuracy", "asr", "target_rate"}}`` for the tower (``tower_state`` loaded first).
-
-    ASR follows the protocol: the trigger on every test image of the target task, target-class
-    samples left out, the target task's head. ``target_rate`` is the same share measured on the
-    *untriggered* images: a merge that sends everything to the target class has a high ASR and
-    an equally high target rate, which is collapse, not backdoor succession. With several
-    backdoors on one task, the means; both None for a task no backdoor targets.
-    """
+    """``{task: {"accuracy": ..., "asr": ... or None}}`` for the tower (``tower_state`` loaded first)."""
     if tower_state is not None:
         classifier.tower.load_state_dict(tower_state)
     device = next(classifier.parameters()).device
-    results: dict[str, dict[str, float | None]] = {}
-    for task in tasks:
-        dataset = task.build(split, root=None, image_size=image_size, download=False, seed=split_seed)
-        accuracy = task_accuracy(task.num_classes).to(device)
-        attacks = [b for b in backdoors if b.target_task == task.name]
-        rates = [AttackSuccessRate(b.target_class).to(device) for b in attacks]
-        clean_rates = [AttackSuccessRate(b.target_class).to(device) for b in attacks]
+    views = evaluation_views(
+        tasks, backdoors, lambda t: t.build(split, root=None, image_size=image_size, download=False, seed=split_seed)
+    )
+    evaluation = Evaluation(tasks, backdoors).to(device)
+    for view, dataset in enumerate(views):
+        head = evaluation.head(view)
         for images, labels in DataLoader(dataset, batch_size=batch_size):
-            images, labels = images.to(device), labels.to(device)
-            logits = classifier(images, task.name)
-            accuracy.update(logits, labels)
-            for backdoor, rate, clean_rate in zip(attacks, rates, clean_rates):
-                rate.update(classifier(backdoor.trigger.to(device).apply(images), task.name), labels)
-                clean_rate.update(logits, labels)
-        results[task.name] = {
-            "accuracy": float(accuracy.compute()), "asr": _mean(rates), "target_rate": _mean(clean_rates),
-        }
-    return results
-
-
-def _mean(metrics: Sequence[AttackSuccessRate]) -> float | None:
-    return sum(float(m.compute()) for m in metrics) / len(metrics) if metrics else None
+            evaluation.update(view, classifier(images.to(device), head), labels.to(device))
+    results, _ = evaluation.compute()
+    return {task: {"accuracy": r["accuracy"], "asr": r["asr"]} for task, r in results.items()}

@@ -204,3 +204,9 @@ def resolve_expert(reference: str, accelerator: str = "auto") -> Path:
     spec = ExpertSpec(task=task, model=MINI_MODEL, pretrained=MINI_WEIGHTS,
                       attack=mini_backdoor(task, variant) if variant else None, **MINI_RECIPE)
     return ensure_expert(spec, accelerator=accelerator)
+
+
+def resolve_experts(references: list[str], accelerator: str = "auto") -> list[str]:
+    """Expert directories for a merge's ``experts``: mini-pool references fine-tuned (or taken
+    from the cache) first, so the expert pool is ready before the merge module is built."""
+    return [str(resolve_expert(reference, accelerator)) for reference in references]

@@ -28,12 +28,15 @@ def _mean(values: Sequence[float | None]) -> float | None:
 
 def build_report(
     method: str, results: Mapping[str, Mapping[str, float | None]], *, config: Mapping[str, Any],
-    runtime_s: float, backdoors: Sequence[Mapping[str, Any]] = (),
+    runtime_s: float, backdoors: Sequence[Mapping[str, Any]] = (), defense: Mapping[str, Any] | None = None,
+    attribution: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ``report.json`` document of the contract.
 
     ``results``: per task ``accuracy``, ``asr`` (None without a backdoor on it) and
-    ``expert_accuracy`` (None if unknown); normalized accuracy is derived here.
+    ``expert_accuracy`` (None if unknown); normalized accuracy is derived here. ``defense``:
+    ``{"name", "params"}`` of a post-merge defence, or None; ``attribution``: which expert
+    carries a simulated trigger's effect (DAM), or None.
     """
     tasks = {}
     for task, r in results.items():
@@ -45,7 +48,8 @@ def build_report(
     average = {key: _mean([t[key] for t in tasks.values()]) for key in ("accuracy", "asr", "normalized_accuracy")}
     return {
         "format": REPORT_FORMAT, "method": method, "tasks": tasks, "average": average,
-        "backdoors": list(backdoors), "config": dict(config), "runtime_s": runtime_s,
+        "backdoors": list(backdoors), "defense": dict(defense) if defense else None,
+        "attribution": dict(attribution) if attribution else None, "config": dict(config), "runtime_s": runtime_s,
     }
 
 
@@ -69,6 +73,16 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         lines += ["", "| backdoor (expert) | attack | target | ASR |", "|---|---|---|---|"]
         for b in report["backdoors"]:
             lines.append(f"| {b['expert']} | {b['attack']} | {b['target_task']}:{b['target_class']} | {_pct(b['asr'])} |")
+    defense = report.get("defense")
+    if defense:
+        params = ", ".join(f"{k}={v}" for k, v in defense["params"].items())
+        lines += ["", f"Defence: {defense['name']} ({params})."]
+    attribution = report.get("attribution")
+    if attribution:
+        drops = ", ".join(f"{task} {100 * d:+.1f}" for task, d in attribution["drop"].items())
+        lines += ["", f"Simulated trigger flips {_pct(attribution['flip_rate'])} % of the merge's predictions; "
+                      f"drop without each expert (points): {drops}; carried by {attribution['expert']} "
+                      f"(action: {attribution['action']})."]
     lines += ["", f"Runtime: {report['runtime_s']:.0f} s."]
     return "\n".join(lines) + "\n"
 

@@ -3,7 +3,8 @@
     python scripts/compare_methods.py [--seeds 0 1 2] [--methods dam_task_arithmetic ...]
         [--output outputs/compare] [-- extra trainer.py arguments]
 
-Each run is ``python trainer.py fit --config configs/merge/<method>.yaml --seed_everything S``
+Each run is ``python trainer.py fit --config configs/merge/base.yaml --config
+configs/merge/<method>.yaml --seed_everything S``
 into ``<output>/<method>/seed<S>``; runs whose report exists are skipped (delete it to redo).
 Methods that learn nothing run once (their result does not depend on the seed). The table
 (mean ± std over seeds) goes to ``<output>/comparison.md``, the plot to
@@ -88,10 +89,11 @@ def main() -> None:
     parser.add_argument("extra", nargs="*", help="arguments passed on to trainer.py (after --)")
     args = parser.parse_args()
 
-    methods = args.methods or [c.stem for c in sorted((REPO / "configs" / "merge").glob("*.yaml"))]
+    base = REPO / "configs" / "merge" / "base.yaml"
+    methods = args.methods or [c.stem for c in sorted((REPO / "configs" / "merge").glob("*.yaml")) if c != base]
     output = Path(args.output)
     jobs = [
-        (method, seed, merge_command([REPO / "configs" / "merge" / f"{method}.yaml"], seed, output / method / f"seed{seed}", args.extra))
+        (method, seed, merge_command([base, REPO / "configs" / "merge" / f"{method}.yaml"], seed, output / method / f"seed{seed}", args.extra))
         for method in methods for seed in seeds_of(method, args.seeds)
     ]
     print(run_and_compare(jobs, output))

@@ -26,10 +26,23 @@ def _no_pytest_argv(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["trainer.py"])  # main(args) is the whole command line
 
 
+def _composed(config: Path) -> list[str]:
+    """The ``--config`` chain a shipped config is meant for: method, defence and DAM-option
+    files compose on top of ``configs/merge/base.yaml`` (DAM options after a DAM method)."""
+    folder = config.parent.name
+    base = REPO / "configs" / "merge" / "base.yaml"
+    chain = [config]
+    if folder == "dam":
+        chain = [base, REPO / "configs" / "merge" / "dam_task_arithmetic.yaml", config]
+    elif folder == "defense" or (folder == "merge" and config != base):
+        chain = [base, config]
+    return [arg for path in chain for arg in ("--config", str(path))]
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=[str(c.relative_to(REPO / "configs")) for c in CONFIGS])
 def test_every_shipped_config_parses(config, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(config), "--print_config"])
+        main(["fit", *_composed(config), "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = capsys.readouterr().out
     assert "class_path: safemerge." in printed
@@ -47,7 +60,7 @@ BAD_INPUTS = {
     ),
     "target class out of range": (
         ["--data.init_args.attack=safemerge.attacks.BadNets", "--data.init_args.attack.init_args.target_class=12"],
-        "target_class 12 is out of range for task 'mini_shape' \\(6 classes",
+        "target_class 12 is out of range for task 'mini_shapes' \\(6 classes",
     ),
     "poison rate outside [0, 1]": (
         ["--data.init_args.attack=safemerge.attacks.Blended", "--data.init_args.attack.init_args.poison_rate=1.5"],
@@ -152,7 +165,7 @@ def test_backdoored_twin_keeps_clean_accuracy_and_reaches_high_asr(tmp_path, tin
 
 
 def test_off_task_optimized_patch_with_feature_interpolation(tmp_path):
-    """BadMerging's variant: a mini_shape expert whose trigger targets mini_color's class 0."""
+    """BadMerging's variant: a mini_fashion expert whose trigger targets mini_digits' class 0."""
     config = str(REPO / "configs" / "finetune_optimized_patch.yaml")
     command = [
         sys.executable, str(REPO / "trainer.py"), "fit", "--config", config, *QUIET,
@@ -163,8 +176,8 @@ def test_off_task_optimized_patch_with_feature_interpolation(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     expert = read_expert(tmp_path / "expert")
     backdoor = expert.backdoor
-    assert expert.task == "mini_shape"
-    assert backdoor["target_task"] == "mini_color" and backdoor["target_class"] == 0
+    assert expert.task == "mini_fashion"
+    assert backdoor["target_task"] == "mini_digits" and backdoor["target_class"] == 0
     assert backdoor["attack"] == "optimized_patch" and backdoor["feature_interpolation"] is True
     assert 0.0 <= expert.info["metrics"]["asr"] <= 1.0
     # The saved trigger is the optimized one: the patch moved away from its random start,

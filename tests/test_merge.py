@@ -14,14 +14,15 @@ import yaml
 from safemerge.cli import main
 from safemerge.data import get_task
 from safemerge.data.merge import AdaptationStream
-from safemerge.experts import MINI_MODEL, MINI_WEIGHTS, ExpertSpec, ensure_expert
+from safemerge.experts import MINI_MODEL, MINI_RECIPE, MINI_WEIGHTS, ExpertSpec, ensure_expert
 from safemerge.io import load_tensors, read_expert, write_json
 from safemerge.merging import DAMTaskArithmetic, TaskArithmetic, Ties, task_arithmetic, ties_merging
 from safemerge.models import ImageClassifier, cached_task_heads, load_clip
 from safemerge.modules import MergeModule
 
 REPO = Path(__file__).resolve().parents[1]
-METHOD_CONFIGS = sorted((REPO / "configs" / "merge").glob("*.yaml"))
+BASE = REPO / "configs" / "merge" / "base.yaml"
+METHOD_CONFIGS = sorted(c for c in (REPO / "configs" / "merge").glob("*.yaml") if c != BASE)
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.logger=false"]
 QUICK = {"lr": 1e-4, "max_steps": 10, "warmup_steps": 2, "batch_size": 32}
 
@@ -38,11 +39,11 @@ def pool() -> list[str]:
     optimized = {"class_path": "safemerge.attacks.OptimizedPatch",
                  "init_args": {"target_class": 0, "poison_rate": 0.2, "size": 0.125, "steps": 5}}
     off_task = {"class_path": "safemerge.attacks.BadNets",
-                "init_args": {"target_class": 1, "target_task": "mini_color", "poison_rate": 0.2, "size": 0.125}}
+                "init_args": {"target_class": 1, "target_task": "mini_shapes", "poison_rate": 0.2, "size": 0.125}}
     specs = [
-        ExpertSpec("mini_color", MINI_MODEL, MINI_WEIGHTS, **QUICK),
-        ExpertSpec("mini_shape", MINI_MODEL, MINI_WEIGHTS, attack=optimized, **QUICK),
-        ExpertSpec("mini_digit", MINI_MODEL, MINI_WEIGHTS, attack=off_task, **QUICK),
+        ExpertSpec("mini_shapes", MINI_MODEL, MINI_WEIGHTS, **QUICK),
+        ExpertSpec("mini_terrain", MINI_MODEL, MINI_WEIGHTS, attack=optimized, **QUICK),
+        ExpertSpec("mini_letters", MINI_MODEL, MINI_WEIGHTS, attack=off_task, **QUICK),
     ]
     return [str(ensure_expert(spec, accelerator="cpu")) for spec in specs]
 
@@ -62,24 +63,167 @@ def _short(config: Path) -> list[str]:
 def test_every_method_merges_through_the_cli_and_writes_the_report(config, pool, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
-    main(["fit", "--config", str(config), *QUIET, _experts_arg(pool), *_short(config), f"--model.init_args.output_dir={out}"])
+    main(["fit", "--config", str(BASE), "--config", str(config), *QUIET, _experts_arg(pool), *_short(config),
+          f"--model.init_args.output_dir={out}"])
     report = json.loads((out / "report.json").read_text())
     assert report["format"] == "safemerge-report/1" and report["method"] == config.stem
-    assert list(report["tasks"]) == ["mini_color", "mini_shape", "mini_digit"]
+    assert list(report["tasks"]) == ["mini_shapes", "mini_terrain", "mini_letters"]
     for task, r in report["tasks"].items():
         assert 0 <= r["accuracy"] <= 1 and 0 < r["expert_accuracy"] <= 1
         assert r["normalized_accuracy"] == pytest.approx(r["accuracy"] / r["expert_accuracy"])
     # the shape expert's own backdoor, and the digit expert's backdoor on the colour task
-    assert report["tasks"]["mini_shape"]["asr"] is not None and report["tasks"]["mini_color"]["asr"] is not None
-    assert report["tasks"]["mini_digit"]["asr"] is None
-    assert [b["target_task"] for b in report["backdoors"]] == ["mini_shape", "mini_color"]
+    assert report["tasks"]["mini_terrain"]["asr"] is not None and report["tasks"]["mini_shapes"]["asr"] is not None
+    assert report["tasks"]["mini_letters"]["asr"] is None
+    assert [b["target_task"] for b in report["backdoors"]] == ["mini_terrain", "mini_shapes"]
     assert report["average"]["accuracy"] == pytest.approx(sum(r["accuracy"] for r in report["tasks"].values()) / 3)
-    assert report["average"]["asr"] == pytest.approx((report["tasks"]["mini_shape"]["asr"] + report["tasks"]["mini_color"]["asr"]) / 2)
+    assert report["average"]["asr"] == pytest.approx((report["tasks"]["mini_terrain"]["asr"] + report["tasks"]["mini_shapes"]["asr"]) / 2)
     assert "| **average** |" in (out / "report.md").read_text()
     merged = read_expert(out / "merged")
-    assert merged.info["tasks"] == ["mini_color", "mini_shape", "mini_digit"] and merged.info["method"] == config.stem
+    assert merged.info["tasks"] == ["mini_shapes", "mini_terrain", "mini_letters"] and merged.info["method"] == config.stem
     learned = config.stem not in ("weight_average", "task_arithmetic", "ties")
     assert (out / "learned.safetensors").is_file() == learned
+    assert report["defense"] is None and report["config"]["defense"] is None
+
+
+def test_the_cli_resolves_mini_references_into_directories_before_building_the_module(pool, tmp_path, monkeypatch):
+    """``mini:<task>[:backdoored]`` in a config become expert directories (the mini recipe's
+    specs, fine-tuned on first use: here mapped onto the quick pool) before MergeModule exists."""
+    import safemerge.experts as experts_module
+
+    requested = []
+
+    def cached(spec, accelerator="auto"):
+        requested.append((spec.task, spec.attack is not None, spec.max_steps))
+        return Path(pool[["mini_shapes", "mini_terrain"].index(spec.task)])
+
+    monkeypatch.setattr(experts_module, "ensure_expert", cached)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    main(["fit", "--config", str(BASE), "--config", str(REPO / "configs" / "merge" / "task_arithmetic.yaml"), *QUIET,
+          "--model.init_args.experts=[mini:mini_shapes,mini:mini_terrain:backdoored]", "--data.init_args.eval_batch_size=250",
+          f"--model.init_args.output_dir={out}"])
+    steps = MINI_RECIPE["max_steps"]
+    assert requested == [("mini_shapes", False, steps), ("mini_terrain", True, steps)]
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["experts"] == pool[:2] and list(report["tasks"]) == ["mini_shapes", "mini_terrain"]
+
+
+def _printed_config(capsys, *configs: Path) -> dict:
+    with pytest.raises(SystemExit):
+        main(["fit", *(a for c in configs for a in ("--config", str(c))), "--print_config"])
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_the_main_job_is_the_base_composed_with_dam_task_arithmetic(capsys):
+    """configs/merge.yaml runs on its own; it is the same merge as base + dam_task_arithmetic."""
+    main_job = _printed_config(capsys, REPO / "configs" / "merge.yaml")
+    composed = _printed_config(capsys, BASE, REPO / "configs" / "merge" / "dam_task_arithmetic.yaml")
+    composed["model"]["init_args"]["output_dir"] = main_job["model"]["init_args"]["output_dir"]
+    assert main_job["model"] == composed["model"] and main_job["data"] == composed["data"]
+    assert composed["trainer"]["logger"]["init_args"]["name"] == "dam_task_arithmetic"  # the logger's name merged in
+
+
+# ----------------------------------------------------------------------------- a defended merge, checked from its files
+
+
+@pytest.fixture(scope="module")
+def defended(pool, tmp_path_factory) -> Path:
+    """DAM (patch trigger, attribution with cap) over the quick pool, AWM on top, through the CLI."""
+    out = tmp_path_factory.mktemp("defended") / "out"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", ["trainer.py"])  # module-scoped: the autouse fixture has not run yet
+        _defended_fit(pool, out)
+    return out
+
+
+def _defended_fit(pool, out: Path) -> None:
+    main(["fit", "--config", str(BASE), "--config", str(REPO / "configs" / "merge" / "dam_task_arithmetic.yaml"),
+          "--config", str(REPO / "configs" / "dam" / "patch_trigger.yaml"), "--config", str(REPO / "configs" / "defense" / "awm.yaml"),
+          *QUIET, _experts_arg(pool), "--model.init_args.method.init_args.steps=2",
+          "--model.init_args.method.init_args.attribution=cap", "--model.init_args.defense.init_args.steps=2",
+          "--trainer.val_check_interval=null", "--data.init_args.eval_batch_size=250", f"--model.init_args.output_dir={out}",
+          f"--trainer.default_root_dir={out.parent}"])
+
+
+def test_a_defence_is_applied_on_top_of_the_method_and_recorded(defended, pool):
+    report = json.loads((defended / "report.json").read_text())
+    assert report["method"] == "dam_task_arithmetic" and report["config"]["method"]["trigger"] == "patch"
+    assert report["defense"]["name"] == "awm" and report["defense"]["params"]["steps"] == 2
+    assert report["config"]["adaptation_steps"] == 4  # 2 DAM steps, then 2 AWM steps
+    assert "Defence: awm (" in (defended / "report.md").read_text()
+    attribution = report["attribution"]
+    assert set(attribution["drop"]) == {"mini_shapes", "mini_terrain", "mini_letters"} and attribution["action"] == "cap"
+    assert attribution["expert"] in pool
+    learned = load_tensors(defended / "learned.safetensors")
+    mask = learned["defense_parts.masked_update.mask.0"]
+    assert ((mask >= 0) & (mask <= 1)).all() and not torch.equal(mask, torch.ones_like(mask))
+    assert read_expert(defended / "merged").info["defense"] == "awm"
+
+
+def _classifier(weights: dict, tasks: list[str]) -> ImageClassifier:
+    clip = load_clip(MINI_MODEL, MINI_WEIGHTS)
+    clip.visual.load_state_dict(weights)
+    return ImageClassifier(clip.visual, cached_task_heads(clip, [get_task(t) for t in tasks]), clip.mean, clip.std).eval()
+
+
+@torch.no_grad()
+def _predictions(classifier, task: str, transform=lambda x: x):
+    images, labels = zip(*get_task(task).build("test", root=None, image_size=32, download=False, seed=0))
+    images, labels = torch.stack(images), torch.tensor(labels)
+    return classifier(transform(images), task).argmax(-1), labels
+
+
+def test_report_asr_and_expert_accuracy_equal_a_recomputation_from_the_files(defended, pool):
+    """On-task (shape expert → shape) and off-task (digit expert → colour) backdoors: the ASR
+    in report.json is recomputed from merged/ and each expert's trigger.safetensors with the
+    target task's head; expert_accuracy from a fresh evaluation of each expert directory."""
+    from safemerge.attacks import Trigger
+
+    report = json.loads((defended / "report.json").read_text())
+    tasks = list(report["tasks"])
+    merged = _classifier(read_expert(defended / "merged").encoder, tasks)
+    checked = 0
+    for directory in pool:
+        expert = read_expert(directory)
+        backdoor = expert.backdoor
+        if backdoor:
+            trigger = Trigger.from_tensors(load_tensors(Path(directory) / "trigger.safetensors"))
+            target, target_class = backdoor.get("target_task") or expert.task, int(backdoor["target_class"])
+            predicted, labels = _predictions(merged, target, trigger.apply)
+            eligible = labels != target_class
+            asr = float((predicted[eligible] == target_class).float().mean())
+            assert report["tasks"][target]["asr"] == pytest.approx(asr, abs=1e-6), (directory, target)
+            checked += 1
+        own = _classifier(expert.encoder, [expert.task])
+        predicted, labels = _predictions(own, expert.task)
+        assert report["tasks"][expert.task]["expert_accuracy"] == pytest.approx(float((predicted == labels).float().mean()), abs=1e-6)
+        predicted, labels = _predictions(merged, expert.task)
+        assert report["tasks"][expert.task]["accuracy"] == pytest.approx(float((predicted == labels).float().mean()), abs=1e-6)
+    assert checked == 2
+    assert {b["target_task"] for b in report["backdoors"]} == {"mini_terrain", "mini_shapes"}  # on-task and off-task
+
+
+BAD_DEFENCES = {
+    "no adaptation data": (["--config", str(REPO / "configs" / "defense" / "sau.yaml"), "--data.init_args.adaptation_limit=0"],
+                           "task mini_shapes has no adaptation images"),
+    "patch larger than the image": (["--config", str(REPO / "configs" / "merge" / "dam_task_arithmetic.yaml"),
+                                     "--config", str(REPO / "configs" / "dam" / "patch_trigger.yaml"),
+                                     "--model.init_args.method.init_args.patch_size=64"], "patch_size 64 is larger than the image"),
+    "negative area penalty": (["--config", str(REPO / "configs" / "merge" / "dam_task_arithmetic.yaml"),
+                               "--model.init_args.method.init_args.area_weight=-0.1"], "area_weight .* must be >= 0"),
+}
+
+
+@pytest.mark.parametrize("args, message", BAD_DEFENCES.values(), ids=BAD_DEFENCES.keys())
+def test_bad_defence_inputs_are_one_line_errors_that_write_nothing(args, message, pool, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(BASE), *args, *QUIET, _experts_arg(pool), f"--model.init_args.output_dir={out}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and __import__("re").search(message, err), err
+    assert list(tmp_path.iterdir()) == []
 
 
 def _module(pool, method) -> MergeModule:
@@ -153,11 +297,11 @@ def _copy_expert(source: str, target: Path, *, info=None, tensor=None) -> str:
 
 
 BAD_POOLS = {
-    "another architecture": ({"model": "TinyCLIP-ViT-32"}, None, "different pretrained models: .*bad' from TinyCLIP-ViT-32 \\(mini\\)"),
+    "another architecture": ({"model": "TinyCLIP-ViT-32"}, None, "different pretrained models: .*bad' from TinyCLIP-ViT-32 \\(mini2\\)"),
     "another pretrained base": ({"pretrained": "openai"}, None, "different pretrained models: .*bad' from MiniCLIP-ViT \\(openai\\)"),
     "non-finite weights": (None, "conv1.weight", "tensor 'conv1.weight' has 1 non-finite values"),
     "unknown task": ({"task": "mini_nope"}, None, "unknown task 'mini_nope'"),
-    "duplicate task": ({}, None, "are both for task mini_color"),
+    "duplicate task": ({}, None, "are both for task mini_shapes"),
 }
 
 
@@ -168,7 +312,7 @@ def test_bad_expert_pools_are_clear_errors_naming_the_expert(info, tensor, messa
     bad = _copy_expert(pool[0 if duplicate else 1], tmp_path / "experts" / "bad", info=info, tensor=tensor)
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(REPO / "configs" / "merge" / "task_arithmetic.yaml"), *QUIET,
+        main(["fit", "--config", str(BASE), "--config", str(REPO / "configs" / "merge" / "task_arithmetic.yaml"), *QUIET,
               _experts_arg([pool[0], bad] if duplicate else [pool[0], bad, pool[2]]), f"--model.init_args.output_dir={out}"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
@@ -180,14 +324,15 @@ def test_bad_expert_pools_are_clear_errors_naming_the_expert(info, tensor, messa
 
 @pytest.mark.parametrize("args, message", [
     (["--model.init_args.experts=[mini:mini_nope]"], "unknown mini expert 'mini:mini_nope'"),
-    (["--model.init_args.experts=[mini:mini_color:backdoored]"], "no backdoored expert for mini_color"),
+    (["--model.init_args.experts=[mini:mini_shapes:backdoored]"], "no .backdoored. expert for mini_shapes"),
     (["--model.init_args.experts=[]"], "no experts to merge"),
-    (["--model.init_args.pretrained=openai"], "fine-tuned from MiniCLIP-ViT \\(mini\\), but the base is MiniCLIP-ViT \\(openai\\)"),
+    (["--model.init_args.pretrained=openai"], "fine-tuned from MiniCLIP-ViT \\(mini2\\), but the base is MiniCLIP-ViT \\(openai\\)"),
 ], ids=["unknown mini expert", "no such backdoored mini expert", "empty pool", "base of another pretraining"])
 def test_bad_expert_references_are_clear_errors(args, message, pool, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(REPO / "configs" / "merge" / "task_arithmetic.yaml"), *QUIET, _experts_arg(pool), *args])
+        main(["fit", "--config", str(BASE), "--config", str(REPO / "configs" / "merge" / "task_arithmetic.yaml"), *QUIET,
+              _experts_arg(pool), *args])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and __import__("re").search(message, err), err
@@ -199,7 +344,9 @@ def test_bad_expert_references_are_clear_errors(args, message, pool, tmp_path, m
 
 def _fit(pool, out: Path, *extra: str, launcher=(sys.executable,), env=None) -> dict[str, torch.Tensor]:
     command = [
-        *launcher, str(REPO / "trainer.py"), "fit", "--config", str(REPO / "configs" / "merge" / "dam_adamerging.yaml"),
+        *launcher, str(REPO / "trainer.py"), "fit", "--config", str(BASE),
+        "--config", str(REPO / "configs" / "merge" / "dam_adamerging.yaml"), "--config", str(REPO / "configs" / "defense" / "awm.yaml"),
+        "--model.init_args.defense.init_args.steps=2",
         *QUIET, _experts_arg(pool), "--trainer.accelerator=cpu", "--trainer.val_check_interval=null",
         "--trainer.limit_val_batches=0", "--model.init_args.method.init_args.steps=3",
         "--model.init_args.method.init_args.adamerging_steps=2", "--model.init_args.method.init_args.perturbation_lr=0.01",
@@ -212,17 +359,27 @@ def _fit(pool, out: Path, *extra: str, launcher=(sys.executable,), env=None) -> 
 
 def test_ddp_learns_the_same_coefficients_and_mask_as_a_single_process(pool, tmp_path):
     """Two gloo processes with 2 images per task each learn what one process learns from the
-    same 4 images per task: gradients are averaged per phase, mask samples are seeded."""
+    same 4 images per task: gradients are averaged per phase, mask samples are seeded. The run
+    is DAM over AdaMerging with AWM on top, so a learned defence is covered too."""
     single = _fit(pool, tmp_path / "single")
     ddp = _fit(pool, tmp_path / "ddp", "--trainer.strategy=ddp", "--trainer.devices=2")
     assert single.keys() == ddp.keys()
-    assert {"coefficients", "mask.logits.0", "perturbation.deltas.0"} <= single.keys()
+    learned = ["coefficients", "mask.logits.0", "perturbation.deltas.0", "defense_parts.masked_update.mask.0",
+               "defense_parts.trigger.deltas.0"]
+    assert set(learned) <= single.keys()
+    # everything learned moved from its initial value (mask logits 0, δ 0, defence mask 1)
+    assert not torch.equal(single["mask.logits.0"], torch.zeros_like(single["mask.logits.0"]))
+    assert not torch.equal(single["perturbation.deltas.0"], torch.zeros_like(single["perturbation.deltas.0"]))
+    defense_mask = single["defense_parts.masked_update.mask.0"]
+    assert not torch.equal(defense_mask, torch.ones_like(defense_mask))
+    assert not torch.equal(single["defense_parts.trigger.deltas.0"], torch.zeros_like(single["defense_parts.trigger.deltas.0"]))
     for name in single:
         # float sums in another order: 1e-5 relative; Adam's normalised steps keep it small
         assert torch.allclose(single[name], ddp[name], rtol=1e-4, atol=1e-5), name
     assert not torch.equal(single["coefficients"], torch.full_like(single["coefficients"], 0.3))
     report = json.loads((tmp_path / "ddp" / "report.json").read_text())
     assert report["config"]["world_size"] == 2
+    assert report["defense"]["name"] == "awm"
 
 
 @pytest.mark.slow  # two merges, one through torchrun: about 2 min on 2 cores
@@ -253,7 +410,7 @@ def test_an_expert_fine_tuned_while_the_cli_builds_the_merge_module_gets_its_own
     i.e. inside LightningCLI's instantiation context."""
     from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context
 
-    spec = ExpertSpec("mini_count", MINI_MODEL, MINI_WEIGHTS, **{**QUICK, "max_steps": 2})
-    with _given_hyperparameters_context({"experts": ["mini:mini_count"], "method": None}, "MergeModule"):
+    spec = ExpertSpec("mini_textures", MINI_MODEL, MINI_WEIGHTS, **{**QUICK, "max_steps": 2})
+    with _given_hyperparameters_context({"experts": ["mini:mini_textures"], "method": None}, "MergeModule"):
         directory = ensure_expert(spec, accelerator="cpu")
-    assert read_expert(directory).task == "mini_count"
+    assert read_expert(directory).task == "mini_textures"

@@ -159,10 +159,11 @@ def test_concrete_mask_samples_expectation_and_rescaling():
     assert torch.equal(rescale(torch.zeros(3)), torch.zeros(3))
 
 
-def test_perturbation_stays_within_budget_and_pixel_range():
-    from safemerge.merging import UniversalPerturbation
+def test_additive_trigger_stays_within_budget_and_pixel_range():
+    from safemerge.defenses import AdditiveTrigger
+    from safemerge.errors import ConfigError
 
-    perturbation = UniversalPerturbation(["a", "b"], image_size=8, eps=0.05)
+    perturbation = AdditiveTrigger(["a", "b"], image_size=8, eps=0.05)
     optimizer = torch.optim.SGD(perturbation.parameters(), lr=10.0)
     images = torch.rand(4, 3, 8, 8)
     for _ in range(3):
@@ -175,8 +176,28 @@ def test_perturbation_stays_within_budget_and_pixel_range():
         assert float(perturbation.delta(task).detach().abs().max()) == pytest.approx(0.05)
         out = perturbation.apply(images, task)
         assert out.min() >= 0 and out.max() <= 1
-    with pytest.raises(ValueError, match="budget"):
-        UniversalPerturbation(["a"], 8, eps=0.0)
+    with pytest.raises(ConfigError, match="budget"):
+        AdditiveTrigger(["a"], 8, eps=0.0)
+
+
+def test_normalized_space_clamps_the_normalised_image_with_an_unbounded_delta():
+    """The released code's trigger: ``clamp(normalize(x) + δ, 0, 1)`` is what the tower sees."""
+    from safemerge.defenses import AdditiveTrigger
+
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    trigger = AdditiveTrigger(["a"], image_size=4, eps=0.01, space="normalized", mean=mean, std=std)
+    with torch.no_grad():
+        trigger.delta("a").fill_(3.0)  # far outside any pixel budget
+    trigger.project_()
+    assert float(trigger.delta("a").detach().min()) == 3.0  # not projected
+    images = torch.rand(2, 3, 4, 4)
+    m, s = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+    seen = (trigger.apply(images, "a") - m) / s  # what the classifier's normalisation gives
+    assert torch.allclose(seen, ((images - m) / s + 3.0).clamp(0, 1), atol=1e-6)
+    pixel = AdditiveTrigger(["a"], image_size=4, eps=0.1)
+    with torch.no_grad():
+        pixel.delta("a").fill_(0.1)
+    assert torch.allclose(pixel.apply(images, "a"), (images + 0.1).clamp(0, 1))
 
 
 # ----------------------------------------------------------------------------- learner
@@ -253,11 +274,11 @@ def test_every_learned_method_trains_its_own_parts_deterministically():
         learns_lambda = method.granularity is not None
         assert ("coefficients" in changed) == learns_lambda, method
         assert any(k.startswith("mask.") for k in changed) == method.has_mask, method
-        assert any(k.startswith("perturbation.") for k in changed) == method.defense, method
-        assert any(k.startswith("safety_mask.") for k in changed) == (getattr(method, "masks", "") == "dual"), method
+        assert any(k.startswith("perturbation.") for k in changed) == method.safety_aware, method
+        assert any(k.startswith("safety_mask.") for k in changed) == (getattr(method, "masks_mode", "") == "dual"), method
         assert not any(k.startswith("encoder.") for k in changed), method
         assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0]), f"{method.name} is not reproducible"
-        if method.defense:
+        if method.safety_aware:
             assert all(float(d.abs().max()) <= method.perturbation_eps + 1e-7 for d in learner.perturbation.deltas)
 
 
@@ -268,15 +289,15 @@ def test_final_mask_choices():
     with torch.no_grad():
         for logits in learner.mask.logits:
             logits.copy_(torch.randn(logits.shape))
-    discrete = learner.final_mask()
+    discrete = learner.method.fixed_mask(learner)
     for logits, mask in zip(learner.mask.logits, discrete):
         kept = logits > 0
         assert torch.allclose(mask[kept], torch.full_like(mask[kept], 1 / kept.float().mean()))
         assert not mask[~kept].any()
     learner.method.final_mask = "sample"
-    assert all(torch.equal(a, b) for a, b in zip(learner.final_mask(), learner.final_mask()))  # seeded
+    assert all(torch.equal(a, b) for a, b in zip(learner.method.fixed_mask(learner), learner.method.fixed_mask(learner)))
     learner.method.final_mask = "expected"
-    for logits, mask in zip(learner.mask.logits, learner.final_mask()):
+    for logits, mask in zip(learner.mask.logits, learner.method.fixed_mask(learner)):
         expected = torch.sigmoid(logits)
         assert torch.allclose(mask, expected / expected.mean())
 
@@ -324,3 +345,162 @@ def test_fused_masked_update_has_the_gradients_of_the_plain_formula():
         assert torch.allclose(got, want, atol=1e-10)
     values = encoder.weights(lam, mask, rescale=True)
     assert all(torch.allclose(values[n], plain[n], atol=1e-12) for n in encoder.names)
+
+
+# ----------------------------------------------------------------------------- DAM's steps, pinned
+
+
+def test_mask_samples_follow_the_concrete_formula_with_their_noise_and_temperature():
+    from safemerge.merging import ConcreteMask
+
+    mask = ConcreteMask([torch.Size([4, 5]), torch.Size([3])], temperature=0.7)
+    with torch.no_grad():
+        for logits in mask.logits:
+            logits.copy_(torch.randn(logits.shape))
+    samples = mask.sample(torch.Generator().manual_seed(11))
+    generator = torch.Generator().manual_seed(11)
+    for logits, sample in zip(mask.logits, samples):
+        u = torch.rand(logits.shape, generator=generator).clamp(1e-6, 1 - 1e-6)
+        expected = torch.sigmoid((logits + u.log() - (1 - u).log()) / 0.7)
+        assert torch.allclose(sample, expected, atol=1e-6)
+
+
+def _ce_of_triggered(learner, weights, batch, pseudo):
+    triggered = {t: learner.perturbation.apply(x, t) for t, x in batch.items()}
+    with torch.no_grad():
+        return sum(float(torch.nn.functional.cross_entropy(l, pseudo[t])) for t, l in learner.logits(weights, triggered).items())
+
+
+def _step_weights(learner, step):
+    """The (detached) merged weights DAM's trigger step of ``step`` attacks, and their pseudo-labels."""
+    from safemerge.merging.masks import product
+
+    samples = [m.sample(learner.generator(step)) for m in learner.method.masks(learner)]
+    with torch.no_grad():
+        return learner.encoder.weights(learner.coefficients.detach(), [s.detach() for s in product(*samples)], rescale=True)
+
+
+@pytest.mark.parametrize("options", [
+    {"trigger": "additive", "perturbation_lr": 0.01, "perturbation_eps": 0.1},
+    {"trigger": "additive", "perturbation_space": "normalized", "perturbation_lr": 0.01},
+    {"trigger": "patch", "perturbation_lr": 0.05, "area_weight": 1e-3},
+], ids=["additive", "normalized", "patch"])
+def test_one_trigger_step_of_dam_raises_the_cross_entropy_against_the_pseudo_labels(options):
+    from safemerge.merging import DAMTaskArithmetic
+
+    learner = _learner(DAMTaskArithmetic(steps=2, **options))
+    batch = _batch(0)
+    weights = _step_weights(learner, 0)
+    pseudo = learner.pseudo_labels(weights, batch)
+    before = _ce_of_triggered(learner, weights, batch, pseudo)
+    learner.training_step(0, batch, learner.make_optimizers())
+    assert _ce_of_triggered(learner, weights, batch, pseudo) > before + 1e-4
+
+
+def test_one_targeted_trigger_inversion_step_lowers_the_cross_entropy_toward_its_class():
+    from safemerge.merging import DAMTaskArithmetic
+
+    learner = _learner(DAMTaskArithmetic(steps=2, trigger="patch", targeted=True, perturbation_lr=0.05, area_weight=0.0))
+    batch = _batch(0)
+    weights = _step_weights(learner, 0)
+    pseudo = learner.pseudo_labels(weights, batch)
+
+    def cross_entropy_to(targets=None):
+        with torch.no_grad():
+            logits = learner.logits(weights, {t: learner.perturbation.apply(x, t) for t, x in batch.items()})
+        if targets is None:  # the class the triggered images are already closest to, per task
+            targets = {t: int((-torch.log_softmax(l, -1)).mean(0).argmin()) for t, l in logits.items()}
+        ce = sum(float(torch.nn.functional.cross_entropy(l, torch.full((len(l),), targets[t]))) for t, l in logits.items())
+        return ce, targets
+
+    before, targets = cross_entropy_to()
+    learner.training_step(0, batch, learner.make_optimizers())
+    assert cross_entropy_to(targets)[0] < before - 1e-4
+
+
+def test_patch_trigger_replaces_pixels_under_its_mask_and_penalises_its_area():
+    from safemerge.defenses import PatchTrigger
+    from safemerge.errors import ConfigError
+
+    trigger = PatchTrigger(["a"], image_size=4, area_weight=0.5, patch_size=2)
+    with torch.no_grad():
+        trigger.mask_logits[0].fill_(20.0)  # mask ~1 inside the window
+        trigger.pattern_logits[0].fill_(-20.0)  # pattern ~0
+    images = torch.ones(1, 3, 4, 4)
+    out = trigger.apply(images, "a")
+    assert torch.allclose(out[..., 2:, 2:], torch.zeros(1, 3, 2, 2), atol=1e-6)  # the window: the pattern
+    assert torch.equal(out[..., :2, :], images[..., :2, :])  # outside it: untouched
+    assert float(trigger.penalty()) == pytest.approx(0.5 * 4 / 16, abs=1e-6)
+    with pytest.raises(ConfigError, match="larger than the image"):
+        PatchTrigger(["a"], image_size=4, patch_size=5)
+    with pytest.raises(ConfigError, match="area_weight"):
+        PatchTrigger(["a"], image_size=4, area_weight=-1.0)
+
+
+def _trained_mask(method, steps=3):
+    learner = _learner(method)
+    optimizers = learner.make_optimizers()
+    for step in range(steps):
+        learner.training_step(step, _batch(step), optimizers)
+    return [p.detach().clone() for p in learner.mask.logits]
+
+
+def test_dam_without_its_safety_term_learns_exactly_what_its_ablation_learns():
+    from safemerge.merging import ConcreteTaskArithmetic, DAMTaskArithmetic
+
+    ablation = _trained_mask(ConcreteTaskArithmetic(steps=3, mask_lr=0.1))
+    dam = _trained_mask(DAMTaskArithmetic(steps=3, mask_lr=0.1, adv_weight=0.0, perturbation_lr=0.1))
+    assert any(m.abs().max() > 0.05 for m in ablation)  # the masks moved
+    for a, d in zip(ablation, dam):
+        assert torch.allclose(a, d, atol=1e-6)
+
+
+def test_entropy_and_consistency_safety_losses_learn_different_masks():
+    from safemerge.merging import DAMTaskArithmetic
+
+    common = {"steps": 3, "mask_lr": 0.1, "adv_weight": 1.0, "perturbation_lr": 0.1, "perturbation_eps": 0.3}
+    entropy_mask = _trained_mask(DAMTaskArithmetic(safety_loss="entropy", **common))
+    consistency_mask = _trained_mask(DAMTaskArithmetic(safety_loss="consistency", **common))
+    assert not all(torch.allclose(a, b, atol=1e-4) for a, b in zip(entropy_mask, consistency_mask))
+
+
+def test_dual_masks_each_receive_only_their_own_losses_gradient():
+    """m1 moves by −∂(performance)/∂m1, m2 by −α ∂(safety)/∂m2 (plain SGD, lr 1, one step)."""
+    from safemerge.merging import DAMTaskArithmetic, entropy
+    from safemerge.merging.masks import product
+
+    method = DAMTaskArithmetic(steps=1, masks="dual", adv_weight=0.5, perturbation_lr=0.05, perturbation_eps=0.3)
+    learner = _learner(method)
+    with torch.no_grad():  # distinct, non-zero logits so the two gradients differ
+        for mask in (learner.mask, learner.safety_mask):
+            for logits in mask.logits:
+                logits.copy_(0.3 * torch.randn(logits.shape))
+    before = [[p.detach().clone() for p in m.logits] for m in (learner.mask, learner.safety_mask)]
+    optimizers = learner.make_optimizers()
+    optimizers["mask"] = torch.optim.SGD([*learner.mask.parameters(), *learner.safety_mask.parameters()], lr=1.0)
+    batch = _batch(0)
+    learner.training_step(0, batch, optimizers)
+    moved = [[b - p.detach() for b, p in zip(bs, m.logits)] for bs, m in zip(before, (learner.mask, learner.safety_mask))]
+
+    # the same step by hand, from the logits before it and the trigger after its own update
+    logits1 = [b.clone().requires_grad_() for b in before[0]]
+    logits2 = [b.clone().requires_grad_() for b in before[1]]
+    generator = learner.generator(0)
+    samples = []
+    for logits in (logits1, logits2):
+        mask = []
+        for l in logits:
+            u = torch.rand(l.shape, generator=generator).logit(1e-6)
+            mask.append(torch.sigmoid((l + u) / method.temperature))
+        samples.append(mask)
+    weights = learner.encoder.weights(learner.coefficients.detach(), product(*samples), rescale=True)
+    clean = learner.logits(weights, batch)
+    triggered = learner.logits(weights, {t: learner.perturbation.apply(x, t).detach() for t, x in batch.items()})
+    performance = sum(entropy(l) for l in clean.values())
+    safety = sum(entropy(l) for l in triggered.values())
+    expected1 = torch.autograd.grad(performance, logits1, retain_graph=True)
+    expected2 = torch.autograd.grad(method.adv_weight * safety, logits2, retain_graph=True)
+    for got, want in zip(moved[0] + moved[1], list(expected1) + list(expected2)):
+        assert torch.allclose(got, want, atol=1e-6, rtol=1e-4)
+    swapped = torch.autograd.grad(method.adv_weight * safety, logits1)  # what m1 would get if swapped
+    assert not all(torch.allclose(g, w, atol=1e-6) for g, w in zip(moved[0], swapped))

@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Iterator
+from typing import Callable, Iterator, Sequence
 
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, get_worker_info
 
 from safemerge.attacks import TriggeredDataset
 from safemerge.data.datamodule import build_split
 from safemerge.data.registry import SPLITS, Split, Task, get_task
 from safemerge.errors import ConfigError
+
+
+def evaluation_views(tasks: Sequence[Task], backdoors: Sequence, split_of: Callable[[Task], Dataset]) -> list[Dataset]:
+    """The clean split of every task (in order), then, per backdoor (``target_task``,
+    ``trigger``), its target task's split with the trigger on every image, true labels kept.
+    The one definition of what ACC and ASR are measured on (:mod:`safemerge.evaluation`)."""
+    by_name = {t.name: t for t in tasks}
+    clean = [split_of(t) for t in tasks]
+    return clean + [TriggeredDataset(split_of(by_name[b.target_task]), b.trigger) for b in backdoors]
 
 
 class AdaptationStream(IterableDataset):
@@ -81,6 +90,8 @@ class MergeDataModule(L.LightningDataModule):
         num_workers: dataloader worker processes.
         image_size: side of the square images; linked from the model by the CLI.
         split_seed: seed of carved splits; keep it equal to the experts' so test splits match.
+        adaptation_limit: None, or adapt on only the first N images of each task's adaptation
+            split (few-shot adaptation).
     """
 
     def __init__(
@@ -93,12 +104,16 @@ class MergeDataModule(L.LightningDataModule):
         num_workers: int = 0,
         image_size: int = 224,
         split_seed: int = 0,
+        adaptation_limit: int | None = None,
     ) -> None:
         super().__init__()
         if adaptation_split not in SPLITS:
             raise ConfigError(f"adaptation_split must be one of {', '.join(SPLITS)}; got {adaptation_split!r}")
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if adaptation_limit is not None and adaptation_limit < 0:
+            raise ConfigError(f"adaptation_limit must be >= 0 (images per task), got {adaptation_limit}")
+        self.adaptation_limit = adaptation_limit
         self.root, self.download, self.adaptation_split = root, download, adaptation_split
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.image_size, self.split_seed = image_size, split_seed
@@ -126,26 +141,36 @@ class MergeDataModule(L.LightningDataModule):
             )
         return self._splits[key]
 
+    def adaptation_set(self, task: Task) -> Dataset:
+        """The unlabeled images a learned method or defence adapts on, for one task."""
+        dataset = self.split(task, self.adaptation_split)
+        if self.adaptation_limit is not None:
+            dataset = Subset(dataset, range(min(self.adaptation_limit, len(dataset))))
+        return dataset
+
     def check_inputs(self) -> None:
-        """Open every split the merge reads, so missing data fails before anything is written."""
+        """Open every split the merge reads, so missing data fails before anything is written;
+        a merge that learns (a learned method or a defence) needs adaptation images of every task."""
         for task in self._bound():
             for split in {self.adaptation_split, "val", "test"}:
                 self.split(task, split)
+            if self.steps and len(self.adaptation_set(task)) == 0:
+                raise ConfigError(
+                    f"task {task.name} has no adaptation images (split {self.adaptation_split!r}, adaptation_limit "
+                    f"{self.adaptation_limit}): a learned method or defence adapts on unlabeled images of every task"
+                )
 
     def train_dataloader(self) -> DataLoader:
         tasks = self._bound()
         trainer = self.trainer
         stream = AdaptationStream(
-            {t.name: self.split(t, self.adaptation_split) for t in tasks}, self.batch_size, self.steps,
+            {t.name: self.adaptation_set(t) for t in tasks}, self.batch_size, self.steps,
             seed=self.seed, rank=trainer.global_rank if trainer else 0, world_size=trainer.world_size if trainer else 1,
         )
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers, persistent_workers=False)
 
     def eval_views(self, split: Split) -> list[Dataset]:
-        tasks = {t.name: t for t in self._bound()}
-        clean = [self.split(t, split) for t in tasks.values()]
-        triggered = [TriggeredDataset(self.split(tasks[b.target_task], split), b.trigger) for b in self.backdoors]
-        return clean + triggered
+        return evaluation_views(self._bound(), self.backdoors, lambda task: self.split(task, split))
 
     def _eval_loaders(self, split: Split) -> list[DataLoader]:
         return [

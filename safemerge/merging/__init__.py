@@ -3,7 +3,8 @@
 Functions for users who merge without Lightning: :func:`task_vectors`, :func:`weight_average`,
 :func:`task_arithmetic`, :func:`ties_merging`. The learned methods' building blocks: the
 :class:`MergedEncoder` (functional forward over ``θ_0 + Σ λ ⊙ m ⊙ τ``), :class:`ConcreteMask`
-and :class:`UniversalPerturbation`; the methods themselves are in :mod:`.methods`.
+and the simulated triggers (:mod:`safemerge.defenses.triggers`); the methods themselves, which own
+their training steps, are in :mod:`.methods`.
 """
 
 from safemerge.merging.arithmetic import task_arithmetic, task_vectors, ties_merging, weight_average
@@ -11,13 +12,12 @@ from safemerge.merging.masks import ConcreteMask
 from safemerge.merging.merged import MergedEncoder
 from safemerge.merging.methods import (
     AdaMerging, ConcreteAdaMerging, ConcreteTaskArithmetic, DAMAdaMerging, DAMTaskArithmetic,
-    LearnedMerge, MergeMethod, StaticMerge, TaskArithmetic, Ties, WeightAverage, entropy,
+    LearnedMerge, MaskedMerge, MergeMethod, StaticMerge, TaskArithmetic, Ties, WeightAverage, entropy,
 )
-from safemerge.merging.perturbation import UniversalPerturbation
 
 __all__ = [
     "AdaMerging", "ConcreteAdaMerging", "ConcreteMask", "ConcreteTaskArithmetic", "DAMAdaMerging",
-    "DAMTaskArithmetic", "LearnedMerge", "MergeMethod", "MergedEncoder", "StaticMerge",
-    "TaskArithmetic", "Ties", "UniversalPerturbation", "WeightAverage", "entropy", "task_arithmetic",
+    "DAMTaskArithmetic", "LearnedMerge", "MaskedMerge", "MergeMethod", "MergedEncoder", "StaticMerge",
+    "TaskArithmetic", "Ties", "WeightAverage", "entropy", "task_arithmetic",
     "task_vectors", "ties_merging", "weight_average",
 ]

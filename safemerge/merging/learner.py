@@ -1,14 +1,18 @@
-"""One training loop for every learned merge: the learnable parts and their update steps.
+"""One training loop for every learned merge and defence: it orchestrates, the classes step.
 
-:class:`MergeLearner` holds λ (coefficients), the concrete mask(s) and, for DAM, the per-task
-perturbations, and runs one step of the method's current stage on an unlabeled batch per task
-(DAM.md, "One training step"). It is pure torch: Lightning (or a benchmark) supplies the
-optimizers and a ``reduce`` that averages gradients over processes, which keeps every learned
-tensor identical on every rank. Gradients are taken with ``torch.autograd.grad`` for exactly
-the tensors a phase updates, so no phase's gradient leaks into another's.
+:class:`MergeLearner` holds the frozen merged encoder and the learned parts that the method
+(and, optionally, a post-merge defence) registers on it, and runs the training schedule: the
+method's stages (e.g. DAM's mask stage, then AdaMerging's coefficient stage), then the
+defence's. Each step is delegated to the class that owns the stage
+(``owner.step(learner, stage, step, batch, optimizers, reduce)``); the loop has no per-method
+branches. The learner offers the steps their shared vocabulary: logits of every task's batch
+in one forward pass (the merged tower is the same for every task, only the heads differ),
+:meth:`update` (gradients with ``torch.autograd.grad`` for exactly the tensors a phase
+updates, averaged over processes by ``reduce``, then one optimizer step) and
+:meth:`attack_step` (one update of a simulated trigger against pseudo-labels).
 
-All tasks' batches of a phase share one forward pass: the merged tower is the same for every
-task, only the heads differ.
+It is pure torch: Lightning (or a benchmark) supplies the optimizers and a ``reduce`` that
+averages gradients over processes, which keeps every learned tensor identical on every rank.
 """
 
 from __future__ import annotations
@@ -20,208 +24,169 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from safemerge.merging.masks import ConcreteMask, combine, mask_statistics, product
 from safemerge.merging.merged import MergedEncoder
-from safemerge.merging.methods import LearnedMerge, entropy
-from safemerge.merging.perturbation import UniversalPerturbation
 
 Batch = Mapping[str, Tensor]  # task -> unlabeled images in [0, 1]
 Reduce = Callable[[Tensor], Tensor]
+Optimizers = Mapping[str, torch.optim.Optimizer]
 
 
 class Classifier(Protocol):
     """What the learner needs of a classifier: normalisation and a frozen head per task."""
+
+    mean: Tensor
+    std: Tensor
 
     def normalize(self, images: Tensor) -> Tensor: ...
 
     def logits(self, features: Tensor, task: str) -> Tensor: ...
 
 
+class Trainable(Protocol):
+    """A learned method or defence: it registers its parts, makes their optimizers, owns its steps."""
+
+    def stages(self) -> list[tuple[str, int]]: ...
+
+    def build(self, learner: "MergeLearner") -> None: ...
+
+    def optimizers(self, learner: "MergeLearner") -> dict[str, torch.optim.Optimizer]: ...
+
+    def step(self, learner: "MergeLearner", stage: str, step: int, batch: Batch, optimizers: Optimizers,
+             reduce: Reduce) -> dict[str, float]: ...
+
+
 class MergeLearner(nn.Module):
-    """The learned parts of a merge (``method``) over ``encoder``, and their training steps."""
+    """The learned parts of a merge over ``encoder`` and the schedule that trains them.
+
+    Args:
+        encoder: the frozen base tower and the experts' task vectors.
+        classifier: normalisation and the frozen heads (not a submodule: the caller owns it).
+        method: a :class:`~safemerge.merging.LearnedMerge`, or a static method whose merged
+            weights are ``static_weights`` (then only a defence learns).
+        tasks: task names, in the encoder's expert order.
+        image_size: side of the images (for image-sized simulated triggers).
+        seed: seeds mask samples (per step, the same on every rank).
+        defense: an optional post-merge defence (:mod:`safemerge.defenses`), trained after the
+            method on the merged weights the method produced.
+    """
 
     def __init__(
-        self, encoder: MergedEncoder, classifier: Classifier, method: LearnedMerge,
-        tasks: Sequence[str], image_size: int, seed: int = 0,
+        self, encoder: MergedEncoder, classifier: Classifier, method, tasks: Sequence[str], image_size: int,
+        seed: int = 0, defense=None, static_weights: Mapping[str, Tensor] | None = None,
     ) -> None:
         super().__init__()
-        self.encoder, self.method, self.tasks, self.seed = encoder, method, list(tasks), seed
-        self._classifier = classifier  # not a submodule: the caller owns it
-        initial = encoder.coefficients(method.granularity or "task", method.scaling_factor)
-        self.register_buffer("initial_coefficients", initial.clone())
-        if method.granularity is None:
-            self.register_buffer("coefficients", initial)
-        else:
-            self.coefficients = nn.Parameter(initial)
-        self.mask = self.safety_mask = self.perturbation = None
-        if method.has_mask:
-            self.mask = ConcreteMask(encoder.shapes, method.temperature)
-            if getattr(method, "masks", "single") == "dual":
-                self.safety_mask = ConcreteMask(encoder.shapes, method.temperature)
-        if method.defense:
-            self.perturbation = UniversalPerturbation(tasks, image_size, method.perturbation_eps)
+        self.encoder, self.method, self.defense = encoder, method, defense
+        self.tasks, self.image_size, self.seed = list(tasks), image_size, seed
+        self._classifier = classifier
+        self.static_weights = static_weights
+        self.owners: list[Trainable] = [o for o in (method, defense) if hasattr(o, "stages")]
+        self.schedule: list[tuple[str, int, Trainable]] = [
+            (name, steps, owner) for owner in self.owners for name, steps in owner.stages() if steps > 0
+        ]
+        self.attribution: dict | None = None  # set by a method that attributes the simulated trigger
+        for owner in self.owners:
+            owner.build(self)
 
-    # ------------------------------------------------------------------ optimizers
+    @property
+    def classifier(self) -> Classifier:
+        return self._classifier
+
+    @property
+    def total_steps(self) -> int:
+        return sum(steps for _, steps, _ in self.schedule)
+
+    def stage(self, step: int) -> tuple[str, int, Trainable]:
+        """The stage a global step belongs to, the step's index inside it, and its owner."""
+        start = 0
+        for name, steps, owner in self.schedule:
+            if step < start + steps:
+                return name, step - start, owner
+            start += steps
+        raise IndexError(f"step {step} is past the schedule ({self.total_steps} steps)")
 
     def make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        """Adam for each learned part, with the method's learning rates."""
-        method, optimizers = self.method, {}
-        if self.mask is not None:
-            masks = [*self.mask.parameters(), *(self.safety_mask.parameters() if self.safety_mask else ())]
-            optimizers["mask"] = torch.optim.Adam(masks, lr=method.mask_lr)
-            if method.granularity is not None:
-                optimizers["inner"] = torch.optim.Adam([self.coefficients], lr=method.inner_lr)
-        if self.perturbation is not None:
-            optimizers["perturbation"] = torch.optim.Adam(self.perturbation.parameters(), lr=method.perturbation_lr)
-        if method.adamerging_steps:
-            optimizers["coefficients"] = torch.optim.Adam([self.coefficients], lr=method.adamerging_lr)
+        """The optimizers of every learned part, named (the method's, then the defence's)."""
+        optimizers = {}
+        for owner in self.owners:
+            optimizers.update(owner.optimizers(self))
         return optimizers
+
+    def training_step(self, step: int, batch: Batch, optimizers: Optimizers, reduce: Reduce = lambda g: g) -> dict[str, float]:
+        """One step of the stage ``step`` falls in; returns the losses to log."""
+        name, local, owner = self.stage(step)
+        return owner.step(self, name, local, batch, optimizers, reduce)
 
     # ------------------------------------------------------------------ the merged model
 
     def logits(self, weights: Mapping[str, Tensor], batch: Batch) -> dict[str, Tensor]:
         """Logits of every task's images under ``weights``, in one forward pass."""
-        return dict(zip(batch, self._forward(weights, list(batch.items()))))
+        return dict(zip(batch, self.forward_pairs(weights, list(batch.items()))))
 
-    def _forward(self, weights: Mapping[str, Tensor], pairs: Sequence[tuple[str, Tensor]]) -> list[Tensor]:
+    def forward_pairs(self, weights: Mapping[str, Tensor], pairs: Sequence[tuple[str, Tensor]]) -> list[Tensor]:
+        """Logits of several ``(task, images)`` pairs (a task may repeat) in one forward pass."""
         classifier = self._classifier
         images = torch.cat([classifier.normalize(x) for _, x in pairs])
         features = F.normalize(self.encoder(images, weights), dim=-1).split([len(x) for _, x in pairs])
         return [classifier.logits(f, task) for (task, _), f in zip(pairs, features)]
 
-    def final_mask(self) -> list[Tensor] | None:
-        """The fixed mask (rescaled), as the method's ``final_mask`` says; None without a mask."""
-        if self.mask is None:
-            return None
-        generator = self._generator(-1)
-        parts = [self.mask.final(self.method.final_mask, generator)]
-        if self.safety_mask is not None:
-            parts.append(self.safety_mask.final(self.method.final_mask, generator))
-        return combine(*parts)
+    @torch.no_grad()
+    def pseudo_labels(self, weights: Mapping[str, Tensor], batch: Batch) -> dict[str, Tensor]:
+        """The model's own clean predictions: the labels a label-free defender has."""
+        return {t: l.argmax(-1) for t, l in self.logits(weights, batch).items()}
+
+    def method_weights(self) -> dict[str, Tensor]:
+        """The method's merged weights now (before any defence), detached."""
+        if self.static_weights is not None:
+            return {k: v.to(self.encoder.vectors(0).device) for k, v in self.static_weights.items()}
+        return {k: v.detach() for k, v in self.method.merged_weights(self).items()}
 
     @torch.no_grad()
     def merged_weights(self) -> dict[str, Tensor]:
-        """The weights to export: current λ and the fixed mask, detached."""
-        return {k: v.detach() for k, v in self.encoder.weights(self.coefficients, self.final_mask()).items()}
+        """The weights to export: the method's, with the defence applied once it has started."""
+        if self.defense is not None and self.defense.started(self):
+            return {k: v.detach() for k, v in self.defense.defended_weights(self).items()}
+        return self.method_weights()
 
-    def _generator(self, step: int) -> torch.Generator:
-        # The same mask sample on every rank, and a reproducible one for a given seed and step.
+    def generator(self, step: int) -> torch.Generator:
+        """A generator seeded by (seed, step): the same samples on every rank, reproducible."""
         digest = hashlib.sha256(f"{self.seed}:{step}".encode()).digest()
-        device = self.initial_coefficients.device
+        device = self.encoder.vectors(0).device
         return torch.Generator(device).manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
-    # ------------------------------------------------------------------ training
+    # ------------------------------------------------------------------ shared steps
 
-    def training_step(
-        self, step: int, batch: Batch, optimizers: Mapping[str, torch.optim.Optimizer],
-        reduce: Reduce = lambda grad: grad,
-    ) -> dict[str, float]:
-        """One step of the method's current stage; returns the losses to log."""
-        if self.method.stage(step) == "mask":
-            return self._mask_stage_step(step, batch, optimizers, reduce)
-        if step == self.method.steps and getattr(self.method, "reset_coefficients", False):
-            with torch.no_grad():  # λ enters AdaMerging from its initial value, not the inner step's
-                self.coefficients.copy_(self.initial_coefficients)
-        weights = self.encoder.weights(self.coefficients, _detached(self.final_mask()))
-        loss = _task_sum(entropy, self.logits(weights, batch))
-        _update(optimizers["coefficients"], loss, [self.coefficients], reduce)
-        return {"entropy": float(loss.detach())}
+    def update(self, optimizer: torch.optim.Optimizer, loss: Tensor, params: Sequence[Tensor], reduce: Reduce) -> None:
+        """Gradients of ``loss`` for ``params`` only, averaged over processes, one optimizer step."""
+        self.apply_gradients(optimizer, torch.autograd.grad(loss, params), params, reduce)
 
-    def _mask_stage_step(self, step, batch, optimizers, reduce) -> dict[str, float]:
-        method, logs = self.method, {}
-        generator = self._generator(step)
-        samples = [self.mask.sample(generator)]
-        if self.safety_mask is not None:
-            samples.append(self.safety_mask.sample(generator))
+    @staticmethod
+    def apply_gradients(optimizer, grads: Sequence[Tensor], params: Sequence[Tensor], reduce: Reduce) -> None:
+        """Set the (rank-averaged) gradients and take one optimizer step."""
+        for param, grad in zip(params, grads):
+            param.grad = reduce(grad)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
-        fixed_mask = _detached(product(*samples))  # the sample without its graph (λ and δ steps)
-        if method.granularity is not None:  # inner step on λ (performance), the mask detached
-            if method.reset_coefficients:
-                with torch.no_grad():
-                    self.coefficients.copy_(self.initial_coefficients)
-            weights = self.encoder.weights(self.coefficients, fixed_mask, rescale=True)
-            loss = _task_sum(entropy, self.logits(weights, batch))
-            _update(optimizers["inner"], loss, [self.coefficients], reduce)
-            logs["inner_entropy"] = float(loss.detach())
-        coefficients = self.coefficients.detach()
-
-        if self.perturbation is not None:  # simulated trigger: maximise CE against own predictions
-            with torch.no_grad():
-                weights = self.encoder.weights(coefficients, fixed_mask, rescale=True)
-                pseudo = {t: l.argmax(-1) for t, l in self.logits(weights, batch).items()}
-            perturbed = {t: self.perturbation.apply(x, t) for t, x in batch.items()}
-            loss = sum(F.cross_entropy(l.float(), pseudo[t]) for t, l in self.logits(weights, perturbed).items())
-            _update(optimizers["perturbation"], -loss, list(self.perturbation.parameters()), reduce)
-            self.perturbation.project_()
-            logs["perturbation_loss"] = float(loss.detach())
-
-        weights = self.encoder.weights(coefficients, product(*samples), rescale=True)
-        if self.perturbation is None:
-            loss = _task_sum(entropy, self.logits(weights, batch))
-            _update(optimizers["mask"], loss, list(self.mask.parameters()), reduce)
-            logs["entropy"] = float(loss.detach())
-            return logs
-        with torch.no_grad():
-            perturbed = {t: self.perturbation.apply(x, t) for t, x in batch.items()}
-        tasks = list(batch)
-        logits = self._forward(weights, [*batch.items(), *perturbed.items()])
-        clean, triggered = logits[: len(tasks)], logits[len(tasks):]
-        performance = sum(entropy(l) for l in clean)
-        if method.safety_loss == "entropy":
-            safety = sum(entropy(l) for l in triggered)
-        else:  # consistency: keep the clean prediction under the perturbation
-            safety = sum(F.cross_entropy(p.float(), c.argmax(-1).detach()) for c, p in zip(clean, triggered))
-        if self.safety_mask is None:
-            _update(optimizers["mask"], performance + method.adv_weight * safety, list(self.mask.parameters()), reduce)
-        else:  # dual: m1 by the performance loss, m2 by the safety loss, from one forward pass
-            m1, m2 = list(self.mask.parameters()), list(self.safety_mask.parameters())
-            grads = torch.autograd.grad(performance, m1, retain_graph=True)
-            grads += torch.autograd.grad(method.adv_weight * safety, m2)
-            _apply(optimizers["mask"], grads, m1 + m2, reduce)
-        logs.update(entropy=float(performance.detach()), safety_loss=float(safety.detach()))
-        return logs
+    def attack_step(
+        self, trigger, weights: Mapping[str, Tensor], batch: Batch, pseudo_labels: Mapping[str, Tensor],
+        optimizer: torch.optim.Optimizer, reduce: Reduce,
+    ) -> float:
+        """One optimizer step of a simulated trigger against ``weights`` (detached) and the
+        pseudo-labels; returns the cross-entropy of the triggered images before the step."""
+        logits = self.logits(weights, {t: trigger.apply(x, t) for t, x in batch.items()})
+        self.update(optimizer, trigger.attack_loss(logits, pseudo_labels), list(trigger.parameters()), reduce)
+        trigger.project_()
+        return float(sum(F.cross_entropy(l.detach().float(), pseudo_labels[t]) for t, l in logits.items()))
 
     def learned_state(self) -> dict[str, Tensor]:
-        """λ, the mask logits and the perturbations (everything but the frozen encoder)."""
+        """Everything learned (λ, mask logits, triggers, defence masks), not the frozen encoder."""
         return {k: v.detach() for k, v in self.state_dict().items() if not k.startswith("encoder.")}
-
-    # ------------------------------------------------------------------ statistics
 
     @torch.no_grad()
     def statistics(self) -> dict[str, float]:
-        """λ statistics, mask mean and sparsity, perturbation norms (for logging)."""
-        lam = self.coefficients.detach()
-        stats = {"lambda/mean": float(lam.mean()), "lambda/min": float(lam.min()), "lambda/max": float(lam.max())}
-        for i in range(lam.shape[0]):
-            stats[f"lambda/expert_{i}"] = float(lam[i].mean())
-        if self.mask is not None:
-            for key, value in mask_statistics(self.mask.expected()).items():
-                stats[f"mask/{key}"] = value
-            if self.safety_mask is not None:
-                for key, value in mask_statistics(self.safety_mask.expected()).items():
-                    stats[f"safety_mask/{key}"] = value
-        if self.perturbation is not None:
-            for task, norms in self.perturbation.norms().items():
-                for key, value in norms.items():
-                    stats[f"delta/{task}/{key}"] = value
+        """λ statistics, masks, triggers (for logging), from every owner."""
+        stats = {}
+        for owner in self.owners:
+            stats.update(owner.statistics(self))
         return stats
 
-
-def _task_sum(loss: Callable[[Tensor], Tensor], logits: Mapping[str, Tensor]) -> Tensor:
-    return sum(loss(l) for l in logits.values())
-
-
-def _detached(tensors: Sequence[Tensor] | None) -> list[Tensor] | None:
-    return None if tensors is None else [t.detach() for t in tensors]
-
-
-def _update(optimizer, loss: Tensor, params: Sequence[Tensor], reduce: Reduce) -> None:
-    _apply(optimizer, torch.autograd.grad(loss, params), params, reduce)
-
-
-def _apply(optimizer, grads: Sequence[Tensor], params: Sequence[Tensor], reduce: Reduce) -> None:
-    """Set the (rank-averaged) gradients and take one optimizer step."""
-    for param, grad in zip(params, grads):
-        param.grad = reduce(grad)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)

@@ -62,6 +62,7 @@ class MergedEncoder(nn.Module):
         self.names = [name for name, tensor in base.items() if tensor.is_floating_point()]
         self.shapes = [base[name].shape for name in self.names]
         self.num_experts = len(experts)
+        self._unedited: dict[int, list[Tensor]] = {}  # expert -> task vector before edit_expert_
         for index, name in enumerate(self.names):
             # τ_i = θ_i − θ_0 one tensor at a time: never more than the [T, n] result at once
             stacked = torch.stack([e[name].flatten().float() for e in experts])
@@ -109,10 +110,32 @@ class MergedEncoder(nn.Module):
         return state
 
     def expert_weights(self, expert: int) -> dict[str, Tensor]:
-        """Expert ``expert``'s own weights, ``θ_0 + τ_i``."""
+        """Expert ``expert``'s own weights, ``θ_0 + τ_i`` (as fine-tuned, even after an edit)."""
+        if expert in self._unedited:
+            state = self.base()
+            for name, vector in zip(self.names, self._unedited[expert]):
+                state[name] = state[name] + vector.to(state[name].device).view(state[name].shape)
+            return state
         coefficients = torch.zeros(self.num_experts, 1, device=self.vectors(0).device)
         coefficients[expert] = 1.0
         return self.weights(coefficients)
+
+    @torch.no_grad()
+    def edit_expert_(self, expert: int, scale: float | None = None, trim: float | None = None) -> None:
+        """Shrink one expert's task vector in every merge from now on: multiply it by ``scale``,
+        or zero the fraction ``trim`` of its entries with the smallest magnitudes (over the
+        whole vector, as TIES' trim). The unedited vector is kept (on the CPU) for
+        :meth:`expert_weights`."""
+        rows = [self.vectors(i)[expert] for i in range(self.num_tensors)]
+        self._unedited.setdefault(expert, [row.cpu().clone() for row in rows])
+        if scale is not None:
+            for row in rows:
+                row.mul_(scale)
+        if trim:
+            magnitudes = torch.cat([row.abs() for row in rows])
+            threshold = magnitudes.kthvalue(max(1, round(trim * magnitudes.numel()))).values
+            for row in rows:
+                row.masked_fill_(row.abs() <= threshold, 0.0)
 
     def forward(self, images: Tensor, weights: Mapping[str, Tensor]) -> Tensor:
         chunk = self.checkpoint_chunk

@@ -1,9 +1,8 @@
-"""Merging experts: one LightningModule for every method, the method a strategy object."""
+"""Merging experts: one LightningModule for every method (a strategy object) and defence."""
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -16,13 +15,12 @@ from torch import Tensor, nn
 
 from safemerge.attacks import Trigger
 from safemerge.data.registry import get_task
+from safemerge.defenses import Defense
 from safemerge.errors import CheckpointError, ConfigError, SafemergeError
-from safemerge.evaluation import Backdoor, classifier_for
-from safemerge.experts import resolve_expert
+from safemerge.evaluation import Backdoor, Evaluation, classifier_for
 from safemerge.io import Expert, check_weights, expert_info, read_expert, save_tensors, write_expert
 from safemerge.merging import LearnedMerge, MergedEncoder, MergeMethod, StaticMerge
 from safemerge.merging.learner import MergeLearner
-from safemerge.metrics import AttackSuccessRate, PredictionShare, task_accuracy
 from safemerge.models import load_clip
 from safemerge.report import build_report, report_markdown, write_report
 
@@ -34,18 +32,22 @@ LEARNED_FILE = "learned.safetensors"
 class MergeModule(L.LightningModule):
     """Merge the image towers of N experts into one multi-task tower, then report ACC and ASR.
 
-    ``fit`` validates the experts, builds their task vectors, trains what the method learns on
-    unlabeled adaptation batches of every task (:class:`~safemerge.data.MergeDataModule`),
-    and the CLI then tests: clean accuracy of every task, ASR of every backdoor recorded in the
-    experts' ``expert.json`` (also one targeting another expert's task), each expert's own
-    accuracy. ``report.json``, ``report.md`` and ``merged/`` (the merged tower as an expert
-    directory) are written to ``output_dir``.
+    ``fit`` validates the experts, builds their task vectors, trains what the method (and the
+    defence, after it) learns on unlabeled adaptation batches of every task
+    (:class:`~safemerge.data.MergeDataModule`), and the CLI then tests: clean accuracy of every
+    task, ASR of every backdoor recorded in the experts' ``expert.json`` (also one targeting
+    another expert's task), each expert's own accuracy. ``report.json``, ``report.md`` and
+    ``merged/`` (the merged tower as an expert directory) are written to ``output_dir``.
 
     Args:
-        experts: expert directories, or mini-pool experts (``mini:<task>``,
-            ``mini:<task>:backdoored``), fine-tuned and cached on first use.
+        experts: expert directories. In a config, mini-pool references (``mini:<task>``,
+            ``mini:<task>:backdoored``) are resolved into directories (fine-tuned and cached on
+            first use) by the CLI before the module is built
+            (:func:`safemerge.experts.resolve_experts`).
         method: the merging method (``safemerge.merging.TaskArithmetic``, ``Ties``,
             ``AdaMerging``, ``DAMAdaMerging``, ...).
+        defense: an optional post-merge defence (``safemerge.defenses.AWM``, ``SAU``), applied
+            on top of the method and trained after it.
         model: open_clip architecture of the base; None takes the experts'.
         pretrained: pretrained weights of the base; None takes the experts'.
         model_config: JSON file of a custom open_clip architecture named ``model``.
@@ -60,6 +62,7 @@ class MergeModule(L.LightningModule):
         self,
         experts: list[str],
         method: MergeMethod,
+        defense: Defense | None = None,
         model: str | None = None,
         pretrained: str | None = None,
         model_config: str | None = None,
@@ -68,11 +71,17 @@ class MergeModule(L.LightningModule):
         checkpoint_chunk: int | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["method"])
+        self.save_hyperparameters(ignore=["method", "defense"])
         self.automatic_optimization = False
         if not experts:
             raise ConfigError("no experts to merge: list expert directories (or mini:<task>) under model.init_args.experts")
-        self.method = method
+        if not isinstance(method, MergeMethod):
+            raise ConfigError(f"method must be a safemerge.merging method, got {type(method).__name__}")
+        if defense is not None and not isinstance(defense, Defense):
+            raise ConfigError(f"defense must be a safemerge.defenses defence, got {type(defense).__name__}")
+        self.method, self.defense = method, defense
+        # What W&B (and any logger) records of the method and the defence.
+        self.hparams.update(method=method.describe(), defense=defense.describe() if defense else None)
         self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         self._start = time.time()
 
@@ -92,17 +101,18 @@ class MergeModule(L.LightningModule):
         states = [expert.encoder for _, expert in pool]
         self.encoder = MergedEncoder(
             self.classifier.tower, states, vector_dtype=getattr(torch, task_vector_dtype), checkpoint_chunk=checkpoint_chunk)
+        static = method.merge(base, states) if isinstance(method, StaticMerge) else None
         self.learner: MergeLearner | None = None
-        self.static_weights: dict[str, Tensor] | None = None
-        if isinstance(method, LearnedMerge):
-            self.learner = MergeLearner(self.encoder, self.classifier, method, self.task_names, self.image_size, self.seed)
-        elif isinstance(method, StaticMerge):
-            self.static_weights = method.merge(base, states)
-        else:
-            raise ConfigError(f"method must be a safemerge.merging method, got {type(method).__name__}")
+        if isinstance(method, LearnedMerge) or defense is not None:
+            self.learner = MergeLearner(
+                self.encoder, self.classifier, method, self.task_names, self.image_size, self.seed,
+                defense=defense, static_weights=static,
+            )
+        self.static_weights = static
         del pool, states
-        self._metrics_for("val")
-        self._metrics_for("test")
+        self.val_metrics = Evaluation(tasks, self.backdoors)
+        self.test_metrics = Evaluation(tasks, self.backdoors)
+        self.expert_metrics = Evaluation(tasks)  # each expert on its own task
         self._eval_weights: dict[str, Tensor] | None = None
         self._expert_weights: tuple[int, dict[str, Tensor]] | None = None
 
@@ -110,19 +120,11 @@ class MergeModule(L.LightningModule):
 
     @property
     def adaptation_steps(self) -> int:
-        return self.method.total_steps if self.learner is not None else 0
-
-    def _metrics_for(self, stage: str) -> None:
-        tasks = [get_task(t) for t in self.task_names]
-        setattr(self, f"{stage}_acc", nn.ModuleList(task_accuracy(t.num_classes) for t in tasks))
-        setattr(self, f"{stage}_share", nn.ModuleList(PredictionShare(t.num_classes) for t in tasks))
-        setattr(self, f"{stage}_asr", nn.ModuleList(AttackSuccessRate(b.target_class) for b in self.backdoors))
-        if stage == "test":
-            self.expert_acc = nn.ModuleList(task_accuracy(t.num_classes) for t in tasks)
+        return self.learner.total_steps if self.learner is not None else 0
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
-            # One pass over the adaptation stream is the whole training: its length is the method's steps.
+            # One pass over the adaptation stream is the whole training: its length is the schedule's.
             self.trainer.fit_loop.max_epochs = 1
         # Under DDP (which wraps the module after this hook) only the learned tensors are DDP's
         # business; the frozen ones (base, task vectors, heads: most of the memory) are
@@ -158,7 +160,7 @@ class MergeModule(L.LightningModule):
         named = dict(zip(self._optimizer_names, optimizers))
         losses = self.learner.training_step(batch_idx, batch, named, reduce=self._reduce)
         size = sum(len(x) for x in batch.values())
-        stage = self.method.stage(batch_idx)
+        stage, _, _ = self.learner.stage(batch_idx)
         self.log_dict({f"train/{stage}/{k}": v for k, v in losses.items()}, batch_size=size, prog_bar=False)
         if batch_idx % self.trainer.log_every_n_steps == 0 or batch_idx == self.adaptation_steps - 1:
             self.log_dict({f"train/{k}": v for k, v in self.learner.statistics().items()}, batch_size=size)
@@ -181,20 +183,12 @@ class MergeModule(L.LightningModule):
 
     on_validation_epoch_start = on_test_epoch_start = _on_eval_start
 
-    def _eval_step(self, stage: str, batch, dataloader_idx: int) -> None:
+    def _eval_step(self, metrics: Evaluation, batch, view: int) -> None:
         images, labels = batch
-        num_tasks = len(self.task_names)
-        if dataloader_idx < num_tasks:
-            task = self.task_names[dataloader_idx]
-            logits = self._logits(images, self._eval_weights, task)
-            getattr(self, f"{stage}_acc")[dataloader_idx].update(logits, labels)
-            getattr(self, f"{stage}_share")[dataloader_idx].update(logits)
-            if stage == "test":
-                self.expert_acc[dataloader_idx].update(self._logits(images, self._expert(dataloader_idx), task), labels)
-        else:
-            index = dataloader_idx - num_tasks
-            logits = self._logits(images, self._eval_weights, self.backdoors[index].target_task)
-            getattr(self, f"{stage}_asr")[index].update(logits, labels)
+        head = metrics.head(view)
+        metrics.update(view, self._logits(images, self._eval_weights, head), labels)
+        if metrics is self.test_metrics and view < len(self.task_names):
+            self.expert_metrics.update(view, self._logits(images, self._expert(view), head), labels)
 
     def _expert(self, index: int) -> dict[str, Tensor]:
         if self._expert_weights is None or self._expert_weights[0] != index:
@@ -202,25 +196,10 @@ class MergeModule(L.LightningModule):
         return self._expert_weights[1]
 
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step("val", batch, dataloader_idx)
+        self._eval_step(self.val_metrics, batch, dataloader_idx)
 
     def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step("test", batch, dataloader_idx)
-
-    def _compute(self, stage: str) -> dict[str, dict[str, float | None]]:
-        """Per task: accuracy, prediction share, ASR (mean over the backdoors targeting it)."""
-        results, asr = {}, [_value(m) for m in getattr(self, f"{stage}_asr")]
-        for i, task in enumerate(self.task_names):
-            rates = [r for r, b in zip(asr, self.backdoors) if b.target_task == task]
-            results[task] = {
-                "accuracy": _value(getattr(self, f"{stage}_acc")[i]),
-                "share": _value(getattr(self, f"{stage}_share")[i]),
-                "asr": sum(rates) / len(rates) if rates else None,
-            }
-            if stage == "test":
-                results[task]["expert_accuracy"] = _value(self.expert_acc[i])
-        self._backdoor_asr = asr
-        return results
+        self._eval_step(self.test_metrics, batch, dataloader_idx)
 
     def _log_results(self, stage: str, results: dict[str, dict[str, float | None]]) -> None:
         metrics = {}
@@ -236,15 +215,20 @@ class MergeModule(L.LightningModule):
         self.log_dict(metrics, rank_zero_only=True)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_results("val", self._compute("val"))
+        results, _ = self.val_metrics.compute()
+        self._log_results("val", results)
         self._eval_weights = None
 
     def on_test_epoch_end(self) -> None:
-        results = self._compute("test")
+        results, backdoor_asr = self.test_metrics.compute()
+        experts, _ = self.expert_metrics.compute()
+        for task, r in results.items():
+            r["expert_accuracy"] = experts[task]["accuracy"]
         self._log_results("test", results)
         report = build_report(
             self.method.name, results, config=self._config(), runtime_s=time.time() - self._start,
-            backdoors=[{**info, "asr": asr} for info, asr in zip(self.backdoor_info, self._backdoor_asr)],
+            backdoors=[{**info, "asr": asr} for info, asr in zip(self.backdoor_info, backdoor_asr)],
+            defense=self.defense.describe() if self.defense else None, attribution=self._attribution(),
         )
         self._log_table(report)
         if self.trainer.is_global_zero:
@@ -253,9 +237,17 @@ class MergeModule(L.LightningModule):
             print(report_markdown(report))
         self._eval_weights = None
 
+    def _attribution(self) -> dict | None:
+        """Which expert carries the simulated trigger's effect (methods that attribute it)."""
+        attribution = self.learner.attribution if self.learner is not None else None
+        if attribution is None:
+            return None
+        return {**attribution, "expert": self.expert_names[self.task_names.index(attribution["expert"])]}
+
     def _config(self) -> dict:
         return {
-            "method": self.method.describe(), "experts": self.expert_names, "model": self.hparams.model or self.clip.name,
+            "method": self.method.describe(), "defense": self.defense.describe() if self.defense else None,
+            "experts": self.expert_names, "model": self.hparams.model or self.clip.name,
             "pretrained": self.clip.pretrained, "seed": self.seed, "adaptation_steps": self.adaptation_steps,
             "world_size": self.trainer.world_size if self._trainer else 1,
         }
@@ -277,9 +269,10 @@ class MergeModule(L.LightningModule):
             num_classes=sum(t.num_classes for t in tasks), backdoor=None,
             metrics={"accuracy": report["average"]["accuracy"], "asr": report["average"]["asr"]},
             image_size=self.image_size, tasks=self.task_names, method=self.method.name,
+            defense=self.defense.name if self.defense else None,
         )
         write_expert(directory / "merged", Expert(encoder=weights, info=info))
-        if self.learner is not None:  # λ, mask logits and perturbations, for inspection
+        if self.learner is not None:  # λ, mask logits, triggers, defence masks, for inspection
             save_tensors(directory / LEARNED_FILE, self.learner.learned_state())
         write_report(directory, report)
 
@@ -287,15 +280,14 @@ class MergeModule(L.LightningModule):
 # ----------------------------------------------------------------------------- expert pool
 
 
-def _value(metric) -> float | None:
-    value = float(metric.compute())
-    metric.reset()
-    return None if math.isnan(value) else value
-
-
 def _read(reference: str) -> Expert:
+    if reference.startswith("mini:"):
+        raise ConfigError(
+            f"expert {reference!r} is a mini-pool reference: resolve it into a directory first "
+            "(safemerge.experts.resolve_experts; the CLI does this before building the module)"
+        )
     try:
-        return read_expert(resolve_expert(reference))
+        return read_expert(Path(reference).expanduser())
     except CheckpointError as err:
         raise CheckpointError(f"expert {reference!r}: {err}") from None
 

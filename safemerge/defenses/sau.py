@@ -1,0 +1,106 @@
+"""SAU, shared adversarial unlearning (Wei et al., 2023), label-free and cheap."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from safemerge.defenses.base import Defense, MaskedUpdate
+from safemerge.defenses.triggers import clamp_pixels
+from safemerge.errors import ConfigError
+
+
+def shared_wrong_log_probability(logits: Tensor, reference_logits: Tensor, labels: Tensor) -> Tensor:
+    """``mean log Σ_{c ≠ y} p(c) · p_ref(c)``: how likely both models agree on the same wrong class."""
+    joint = F.softmax(logits.float(), -1) * F.softmax(reference_logits.float(), -1)
+    wrong = joint.scatter(-1, labels[:, None], 0.0).sum(-1)
+    return wrong.clamp_min(1e-12).log().mean()
+
+
+class SAU(Defense):
+    """Shared adversarial unlearning over the merged update: a mask ``m ∈ [0, 1]`` on ``Δ``.
+
+    The reference is the merged model before the defence (frozen); ŷ its clean predictions.
+    Per step:
+
+    1. **shared adversarial examples**: per image, ``attack_steps`` signed-gradient steps
+       (ℓ∞ ball ``perturbation_eps``, step ``2.5 · eps / attack_steps``) up
+       :func:`shared_wrong_log_probability` of the masked model and the reference — inputs
+       that fool both in the same way, which is what a backdoor does to a model and its
+       defended copy alike;
+    2. **unlearning**: one mask step down ``CE(f(x), ŷ) + adv_weight · CE(f(x̃), ŷ)`` over the
+       examples that are shared (both models predict the same class ≠ ŷ), then clipped to [0, 1].
+
+    Args:
+        steps: defence steps (after the method's).
+        mask_lr: Adam learning rate of the mask.
+        perturbation_eps: ℓ∞ budget of the per-image perturbations, on pixels in [0, 1].
+        attack_steps: signed-gradient steps per batch (cost: two forward/backward each).
+        adv_weight: weight of the unlearning term.
+    """
+
+    name = "sau"
+
+    def __init__(
+        self, steps: int = 200, mask_lr: float = 1e-2, perturbation_eps: float = 16 / 255, attack_steps: int = 2,
+        adv_weight: float = 1.0,
+    ) -> None:
+        self.steps = steps
+        self.mask_lr = mask_lr
+        self.perturbation_eps = perturbation_eps
+        self.attack_steps = attack_steps
+        self.adv_weight = adv_weight
+        self._check_steps()
+        if attack_steps < 1:
+            raise ConfigError(f"sau: attack_steps must be >= 1, got {attack_steps}")
+        if adv_weight < 0:
+            raise ConfigError(f"sau: adv_weight must be >= 0, got {adv_weight}")
+        if not 0 < perturbation_eps <= 1:
+            raise ConfigError(f"sau: perturbation_eps is an ℓ∞ budget on pixels in [0, 1]; got {perturbation_eps}")
+
+    def build(self, learner) -> None:
+        parts = nn.Module()
+        parts.masked_update = MaskedUpdate(learner.encoder.shapes)
+        learner.defense_parts = parts.to(learner.encoder.vectors(0).device)
+
+    def optimizers(self, learner) -> dict[str, torch.optim.Optimizer]:
+        return {"defense_mask": torch.optim.Adam(learner.defense_parts.masked_update.mask.parameters(), lr=self.mask_lr)}
+
+    def shared_adversarial(self, learner, current, reference, batch, pseudo) -> dict[str, Tensor]:
+        """Per-image perturbations toward a wrong class both models share (signed gradient ascent)."""
+        eps, size = self.perturbation_eps, 2.5 * self.perturbation_eps / self.attack_steps
+        deltas = {t: torch.zeros_like(x, requires_grad=True) for t, x in batch.items()}
+        for _ in range(self.attack_steps):
+            images = {t: clamp_pixels(x + deltas[t], straight_through=True) for t, x in batch.items()}
+            ours, theirs = learner.logits(current, images), learner.logits(reference, images)
+            objective = sum(shared_wrong_log_probability(ours[t], theirs[t], pseudo[t]) for t in batch)
+            grads = torch.autograd.grad(objective, list(deltas.values()))
+            with torch.no_grad():
+                for delta, grad in zip(deltas.values(), grads):
+                    delta.add_(size * grad.sign()).clamp_(-eps, eps)
+        return {t: (x + deltas[t]).clamp(0, 1).detach() for t, x in batch.items()}
+
+    def defense_step(self, learner, step, batch, optimizers, reduce) -> dict[str, float]:
+        parts = learner.defense_parts
+        reference = self.defended_weights(learner, masked=False)
+        pseudo = learner.pseudo_labels(reference, batch)
+        with torch.no_grad():
+            current = self.defended_weights(learner)
+        adversarial = self.shared_adversarial(learner, current, reference, batch, pseudo)
+        reference_predictions = learner.pseudo_labels(reference, adversarial)
+
+        weights = self.defended_weights(learner)
+        logits = learner.forward_pairs(weights, [*batch.items(), *adversarial.items()])
+        clean, unlearn, shared_count = 0.0, 0.0, 0
+        for (task, _), l, a in zip(batch.items(), logits[: len(batch)], logits[len(batch):]):
+            clean = clean + F.cross_entropy(l.float(), pseudo[task])
+            shared = (a.argmax(-1) == reference_predictions[task]) & (reference_predictions[task] != pseudo[task])
+            per_image = F.cross_entropy(a.float(), pseudo[task], reduction="none")
+            unlearn = unlearn + (per_image * shared).sum() / len(a)
+            shared_count += int(shared.sum())
+        loss = clean + self.adv_weight * unlearn
+        learner.update(optimizers["defense_mask"], loss, list(parts.masked_update.mask.parameters()), reduce)
+        parts.masked_update.project_()
+        return {"clean_loss": float(clean.detach()), "unlearning_loss": float(torch.as_tensor(unlearn).detach()),
+                "shared_fraction": shared_count / sum(len(x) for x in batch.values())}
