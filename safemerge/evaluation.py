@@ -39,6 +39,11 @@ def classifier_for(clip: CLIPModel, tasks: Sequence[Task]) -> ImageClassifier:
     return ImageClassifier(clip.visual, cached_task_heads(clip, tasks), clip.mean, clip.std).eval()
 
 
+def _mean_known(values: Sequence[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
+
+
 def _value(metric) -> float | None:
     value = float(metric.compute())
     metric.reset()
@@ -61,6 +66,9 @@ class Evaluation(nn.Module):
         self.accuracy = nn.ModuleList(task_accuracy(t.num_classes) for t in tasks)
         self.share = nn.ModuleList(PredictionShare(t.num_classes) for t in tasks)
         self.asr = nn.ModuleList(AttackSuccessRate(b.target_class) for b in self.backdoors)
+        # The same rate on the clean images: a merge that collapses onto the target class has a
+        # high ASR and an equally high target rate, which is collapse, not backdoor succession.
+        self.target_rate = nn.ModuleList(AttackSuccessRate(b.target_class) for b in self.backdoors)
 
     def head(self, view: int) -> str:
         """The task whose head classifies the images of ``view``."""
@@ -72,21 +80,25 @@ class Evaluation(nn.Module):
         if view < num_tasks:
             self.accuracy[view].update(logits, labels)
             self.share[view].update(logits)
+            for backdoor, rate in zip(self.backdoors, self.target_rate):
+                if backdoor.target_task == self.task_names[view]:
+                    rate.update(logits, labels)
         else:
             self.asr[view - num_tasks].update(logits, labels)
 
-    def compute(self) -> tuple[dict[str, dict[str, float | None]], list[float | None]]:
-        """Per task ``accuracy``, ``share`` (top-class share) and ``asr`` (None if no backdoor
-        targets it), and every backdoor's ASR; the metrics are reset."""
-        rates = [_value(m) for m in self.asr]
+    def compute(self) -> tuple[dict[str, dict[str, float | None]], list[dict[str, float | None]]]:
+        """Per task ``accuracy``, ``share`` (top-class share), ``asr`` and ``target_rate`` (the
+        untriggered rate; both None if no backdoor targets the task), and per backdoor its
+        ``asr`` and ``target_rate``; the metrics are reset."""
+        per_backdoor = [{"asr": _value(a), "target_rate": _value(t)} for a, t in zip(self.asr, self.target_rate)]
         results = {}
         for i, task in enumerate(self.task_names):
-            known = [r for r, b in zip(rates, self.backdoors) if b.target_task == task and r is not None]
+            mine = [r for r, b in zip(per_backdoor, self.backdoors) if b.target_task == task]
             results[task] = {
                 "accuracy": _value(self.accuracy[i]), "share": _value(self.share[i]),
-                "asr": sum(known) / len(known) if known else None,
+                **{key: _mean_known([r[key] for r in mine]) for key in ("asr", "target_rate")},
             }
-        return results, rates
+        return results, per_backdoor
 
 
 @torch.no_grad()
@@ -101,7 +113,8 @@ def evaluate(
     batch_size: int = 500,
     split_seed: int = 0,
 ) -> dict[str, dict[str, float | None]]:
-    """``{task: {"accuracy": ..., "asr": ... or None}}`` for the tower (``tower_state`` loaded first)."""
+    """``{task: {"accuracy", "asr", "target_rate"}}`` for the tower (``tower_state`` loaded first);
+    ``asr`` and ``target_rate`` are None for a task no backdoor targets."""
     if tower_state is not None:
         classifier.tower.load_state_dict(tower_state)
     device = next(classifier.parameters()).device
@@ -114,4 +127,4 @@ def evaluate(
         for images, labels in DataLoader(dataset, batch_size=batch_size):
             evaluation.update(view, classifier(images.to(device), head), labels.to(device))
     results, _ = evaluation.compute()
-    return {task: {"accuracy": r["accuracy"], "asr": r["asr"]} for task, r in results.items()}
+    return {task: {key: r[key] for key in ("accuracy", "asr", "target_rate")} for task, r in results.items()}

@@ -33,7 +33,8 @@ def build_report(
 ) -> dict[str, Any]:
     """The ``report.json`` document of the contract.
 
-    ``results``: per task ``accuracy``, ``asr`` (None without a backdoor on it) and
+    ``results``: per task ``accuracy``, ``asr`` and ``target_rate`` (the share of the clean
+    images already classified as the target; both None without a backdoor on the task) and
     ``expert_accuracy`` (None if unknown); normalized accuracy is derived here. ``defense``:
     ``{"name", "params"}`` of a post-merge defence, or None; ``attribution``: which expert
     carries a simulated trigger's effect (DAM), or None.
@@ -42,10 +43,10 @@ def build_report(
     for task, r in results.items():
         expert = r.get("expert_accuracy")
         tasks[task] = {
-            "accuracy": r["accuracy"], "asr": r.get("asr"), "expert_accuracy": expert,
+            "accuracy": r["accuracy"], "asr": r.get("asr"), "target_rate": r.get("target_rate"), "expert_accuracy": expert,
             "normalized_accuracy": r["accuracy"] / expert if expert else None,
         }
-    average = {key: _mean([t[key] for t in tasks.values()]) for key in ("accuracy", "asr", "normalized_accuracy")}
+    average = {key: _mean([t[key] for t in tasks.values()]) for key in ("accuracy", "asr", "target_rate", "normalized_accuracy")}
     return {
         "format": REPORT_FORMAT, "method": method, "tasks": tasks, "average": average,
         "backdoors": list(backdoors), "defense": dict(defense) if defense else None,
@@ -70,9 +71,10 @@ def report_markdown(report: Mapping[str, Any]) -> str:
             f"| {_pct(r['normalized_accuracy'])} |"
         )
     if report.get("backdoors"):
-        lines += ["", "| backdoor (expert) | attack | target | ASR |", "|---|---|---|---|"]
+        lines += ["", "| backdoor (expert) | attack | target | ASR | untriggered target rate |", "|---|---|---|---|---|"]
         for b in report["backdoors"]:
-            lines.append(f"| {b['expert']} | {b['attack']} | {b['target_task']}:{b['target_class']} | {_pct(b['asr'])} |")
+            lines.append(f"| {b['expert']} | {b['attack']} | {b['target_task']}:{b['target_class']} | {_pct(b['asr'])} "
+                         f"| {_pct(b.get('target_rate'))} |")
     defense = report.get("defense")
     if defense:
         params = ", ".join(f"{k}={v}" for k, v in defense["params"].items())

@@ -193,6 +193,9 @@ def test_report_asr_and_expert_accuracy_equal_a_recomputation_from_the_files(def
             eligible = labels != target_class
             asr = float((predicted[eligible] == target_class).float().mean())
             assert report["tasks"][target]["asr"] == pytest.approx(asr, abs=1e-6), (directory, target)
+            clean, _ = _predictions(merged, target)  # the untriggered target rate, on the same images
+            untriggered = float((clean[eligible] == target_class).float().mean())
+            assert report["tasks"][target]["target_rate"] == pytest.approx(untriggered, abs=1e-6), (directory, target)
             checked += 1
         own = _classifier(expert.encoder, [expert.task])
         predicted, labels = _predictions(own, expert.task)

@@ -208,6 +208,7 @@ class MergeModule(L.LightningModule):
             metrics[f"{stage}/{task}/top_class_share"] = r["share"]
             if r["asr"] is not None:
                 metrics[f"{stage}/{task}/asr"] = r["asr"]
+                metrics[f"{stage}/{task}/target_rate"] = r["target_rate"]
         metrics[f"{stage}/avg/acc"] = sum(r["accuracy"] for r in results.values()) / len(results)
         rates = [r["asr"] for r in results.values() if r["asr"] is not None]
         if rates:
@@ -220,14 +221,14 @@ class MergeModule(L.LightningModule):
         self._eval_weights = None
 
     def on_test_epoch_end(self) -> None:
-        results, backdoor_asr = self.test_metrics.compute()
+        results, backdoor_rates = self.test_metrics.compute()
         experts, _ = self.expert_metrics.compute()
         for task, r in results.items():
             r["expert_accuracy"] = experts[task]["accuracy"]
         self._log_results("test", results)
         report = build_report(
             self.method.name, results, config=self._config(), runtime_s=time.time() - self._start,
-            backdoors=[{**info, "asr": asr} for info, asr in zip(self.backdoor_info, backdoor_asr)],
+            backdoors=[{**info, **rates} for info, rates in zip(self.backdoor_info, backdoor_rates)],
             defense=self.defense.describe() if self.defense else None, attribution=self._attribution(),
         )
         self._log_table(report)
