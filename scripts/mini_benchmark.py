@@ -4,7 +4,7 @@
 
 Measures, on the default mini pool (six tasks on six domains, three backdoored experts) and its
 all-clean twin, test splits: zero-shot, experts, task arithmetic (λ chosen on the val splits),
-TIES, layer-wise AdaMerging (``configs/merge/adamerging.yaml`` through ``trainer.py``, one run
+TIES, layer-wise AdaMerging (``configs/merge/base.yaml`` + ``adamerging.yaml`` through ``trainer.py``, one run
 per seed), every backdoor's ASR alone / in the TA merge / in the AdaMerging merge / in the
 all-clean merge, each beside its *untriggered target rate* (the share of the same clean images
 already classified as the target), and the diagnostics that explain a merging basin or its
@@ -164,7 +164,8 @@ def adamerging(seeds: list[int], output: Path) -> dict:
         run = output / "adamerging" / f"seed{seed}"
         if not (run / "report.json").is_file():
             subprocess.run(
-                [sys.executable, str(REPO / "trainer.py"), "fit", "--config", str(REPO / "configs/merge/adamerging.yaml"),
+                [sys.executable, str(REPO / "trainer.py"), "fit", "--config", str(REPO / "configs/merge/base.yaml"),
+                 "--config", str(REPO / "configs/merge/adamerging.yaml"),
                  f"--seed_everything={seed}", f"--model.init_args.output_dir={run}", f"--trainer.default_root_dir={run}",
                  "--trainer.logger=false", "--trainer.enable_progress_bar=false"],
                 check=True, stdout=subprocess.DEVNULL,
