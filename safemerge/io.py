@@ -199,6 +199,7 @@ _INFO_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "format": ((str,), True), "model": ((str,), True), "pretrained": ((str, _NONE), True),
     "task": ((str,), True), "num_classes": ((int,), True), "backdoor": ((dict, _NONE), True),
     "metrics": ((dict,), True), "image_size": ((int,), False), "tasks": ((list,), False), "method": ((str,), False),
+    "defense": ((str, _NONE), False),
 }
 _BACKDOOR_FIELDS = {"attack": (str,), "target_class": (int,), "target_task": (str, _NONE)}
 

@@ -377,8 +377,10 @@ def test_ddp_learns_the_same_coefficients_and_mask_as_a_single_process(pool, tmp
     assert not torch.equal(defense_mask, torch.ones_like(defense_mask))
     assert not torch.equal(single["defense_parts.trigger.deltas.0"], torch.zeros_like(single["defense_parts.trigger.deltas.0"]))
     for name in single:
-        # float sums in another order: 1e-5 relative; Adam's normalised steps keep it small
-        assert torch.allclose(single[name], ddp[name], rtol=1e-4, atol=1e-5), name
+        # Float sums in another order; Adam divides by √v, which magnifies them where a
+        # gradient is tiny (a few δ pixels on the black backgrounds of digits and fashion moved
+        # 4e-5 in a measured run, out of 0.03): 5e-5 absolute.
+        assert torch.allclose(single[name], ddp[name], rtol=1e-4, atol=5e-5), name
     assert not torch.equal(single["coefficients"], torch.full_like(single["coefficients"], 0.3))
     report = json.loads((tmp_path / "ddp" / "report.json").read_text())
     assert report["config"]["world_size"] == 2
@@ -401,7 +403,10 @@ def test_torchrun_processes_learn_what_one_process_learns_and_write_one_wandb_ru
         env={**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"},
     )
     for name in single:
-        assert torch.allclose(single[name], ddp[name], rtol=1e-4, atol=1e-5), name
+        # Float sums in another order; Adam divides by √v, which magnifies them where a
+        # gradient is tiny (a few δ pixels on the black backgrounds of digits and fashion moved
+        # 4e-5 in a measured run, out of 0.03): 5e-5 absolute.
+        assert torch.allclose(single[name], ddp[name], rtol=1e-4, atol=5e-5), name
     assert json.loads((tmp_path / "torchrun" / "report.json").read_text())["config"]["world_size"] == 2
     runs = sorted((wandb_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, runs

@@ -19,9 +19,10 @@ def _report(method, shape_acc, shape_asr, color_acc, runtime=1.0):
 def test_report_fields_follow_the_contract():
     report = _report("ties", 0.4, 0.25, 0.6)
     assert report["format"] == "safemerge-report/1" and report["method"] == "ties"
-    assert report["tasks"]["shape"] == {"accuracy": 0.4, "asr": 0.25, "expert_accuracy": 0.8, "normalized_accuracy": 0.5}
+    assert report["tasks"]["shape"] == {"accuracy": 0.4, "asr": 0.25, "target_rate": None, "expert_accuracy": 0.8,
+                                        "normalized_accuracy": 0.5}
     assert report["tasks"]["color"]["normalized_accuracy"] is None
-    assert report["average"] == {"accuracy": 0.5, "asr": 0.25, "normalized_accuracy": 0.5}
+    assert report["average"] == {"accuracy": 0.5, "asr": 0.25, "target_rate": None, "normalized_accuracy": 0.5}
 
 
 def test_runs_of_one_method_are_summarised_as_mean_and_sample_std(tmp_path, capsys):
