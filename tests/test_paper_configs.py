@@ -204,7 +204,8 @@ def test_every_merge_config_runs_two_steps_at_224_px(pool, method, vit_b32_exper
                   f"--model.init_args.output_dir={tmp_path / 'out'}"], cwd=tmp_path, SAFEMERGE_EXPERTS=str(vit_b32_experts))
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["method"] == method and list(report["tasks"]) == paper_grid.pool_tasks(pool)
-    assert (report["tasks"]["cifar100"]["asr"] is not None) == (pool == "badmerging")
+    backdoored = {t for t, r in report["tasks"].items() if r["asr"] is not None}
+    assert backdoored == ({"cifar100"} if pool == "badmerging" else set())
 
 
 def test_vit_l14_paper_model_builds_at_224_px_on_the_meta_device():
@@ -220,10 +221,10 @@ def test_vit_l14_paper_model_builds_at_224_px_on_the_meta_device():
 @pytest.mark.slow
 def test_paper_grid_runs_end_to_end_on_the_mini_pool(tmp_path):
     """The same code path as the paper grid, on the mini pool: fine-tune six experts and a
-    backdoored one (few steps), merge with two methods, write the table and plot."""
+    backdoored one (few steps), merge with DAM (two steps), write the table and plot."""
     command = [sys.executable, str(REPO / "scripts" / "paper_grid.py"), "--experts", str(tmp_path / "experts"),
                "--model", "MiniCLIP-ViT", "--pretrained", "mini2", "--pool", "mini", "--attack", "badnets",
-               "--adversary", "mini_letters", "--methods", "task_arithmetic", "dam_task_arithmetic", "--seeds", "0",
+               "--adversary", "mini_letters", "--methods", "dam_task_arithmetic", "--seeds", "0",
                "--output", str(tmp_path / "out"),
                "--finetune-args", " ".join(TWO_STEPS_FINETUNE[:5] + ["--trainer.precision=32", "--data.init_args.batch_size=16",
                                                                      "--data.init_args.num_workers=0"]),
