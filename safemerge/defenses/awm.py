@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from safemerge.defenses.base import Defense, MaskedUpdate
-from safemerge.defenses.triggers import AdditiveTrigger
+from safemerge.defenses.triggers import AdditiveTrigger, check_budget
 from safemerge.errors import ConfigError
 
 
@@ -52,8 +52,7 @@ class AWM(Defense):
         self._check_steps()
         if min(clean_weight, adv_weight, sparsity_weight) < 0:
             raise ConfigError("awm: clean_weight, adv_weight and sparsity_weight must be >= 0")
-        if not 0 < perturbation_eps <= 1:
-            raise ConfigError(f"awm: perturbation_eps is an ℓ∞ budget on pixels in [0, 1]; got {perturbation_eps}")
+        check_budget("awm", perturbation_eps)
 
     def build(self, learner) -> None:
         parts = nn.Module()

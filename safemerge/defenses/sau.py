@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from safemerge.defenses.base import Defense, MaskedUpdate
-from safemerge.defenses.triggers import clamp_pixels
+from safemerge.defenses.triggers import check_budget, clamp_pixels
 from safemerge.errors import ConfigError
 
 
@@ -56,8 +56,7 @@ class SAU(Defense):
             raise ConfigError(f"sau: attack_steps must be >= 1, got {attack_steps}")
         if adv_weight < 0:
             raise ConfigError(f"sau: adv_weight must be >= 0, got {adv_weight}")
-        if not 0 < perturbation_eps <= 1:
-            raise ConfigError(f"sau: perturbation_eps is an ℓ∞ budget on pixels in [0, 1]; got {perturbation_eps}")
+        check_budget("sau", perturbation_eps)
 
     def build(self, learner) -> None:
         parts = nn.Module()

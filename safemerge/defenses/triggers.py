@@ -28,6 +28,13 @@ PerturbationSpace = Literal["pixel", "normalized"]
 TriggerShape = Literal["additive", "patch"]
 
 
+def check_budget(owner: str, eps: float) -> None:
+    """A one-line error unless ``eps`` is an ℓ∞ budget on pixels in [0, 1] (every method and
+    defence that perturbs images checks its ``perturbation_eps`` here)."""
+    if not 0 < eps <= 1:
+        raise ConfigError(f"{owner}: perturbation_eps is an ℓ∞ budget on pixels in [0, 1]; got {eps}")
+
+
 def clamp_pixels(images: Tensor, straight_through: bool = False) -> Tensor:
     """``clamp(images, 0, 1)``; with ``straight_through`` the gradient passes the clamp as if it
     were the identity. A plain clamp has no gradient at 0 and 1, so a perturbation that starts

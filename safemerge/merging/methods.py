@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from safemerge.defenses.triggers import PerturbationSpace, TriggerShape, simulated_trigger
+from safemerge.defenses.triggers import PerturbationSpace, TriggerShape, check_budget, simulated_trigger
 from safemerge.errors import ConfigError
 from safemerge.merging.arithmetic import task_arithmetic, ties_merging, weight_average
 from safemerge.merging.masks import ConcreteMask, FinalMask, combine, mask_statistics, product
@@ -403,8 +403,7 @@ class DefenseAwareMask:
             if getattr(self, key) not in allowed:
                 name = "masks" if key == "masks_mode" else key
                 raise ConfigError(f"{self.name}: {name} must be {' or '.join(allowed)}; got {getattr(self, key)!r}")
-        if not 0 < self.perturbation_eps <= 1:
-            raise ConfigError(f"{self.name}: perturbation_eps is an ℓ∞ budget on pixels in [0, 1]; got {self.perturbation_eps}")
+        check_budget(self.name, self.perturbation_eps)
         if self.area_weight < 0:
             raise ConfigError(f"{self.name}: area_weight is a penalty on the trigger's area and must be >= 0, got {self.area_weight}")
         if self.perturbation_space == "normalized" and self.trigger != "additive":
