@@ -23,6 +23,7 @@ from safemerge.data.merge import evaluation_views
 from safemerge.data.registry import Split, Task
 from safemerge.metrics import AttackSuccessRate, PredictionShare, task_accuracy
 from safemerge.models import CLIPModel, ImageClassifier, cached_task_heads
+from safemerge.report import mean_known
 
 
 @dataclass(frozen=True)
@@ -37,11 +38,6 @@ class Backdoor:
 def classifier_for(clip: CLIPModel, tasks: Sequence[Task]) -> ImageClassifier:
     """The classifier of ``clip``'s image tower with a zero-shot head per task."""
     return ImageClassifier(clip.visual, cached_task_heads(clip, tasks), clip.mean, clip.std).eval()
-
-
-def _mean_known(values: Sequence[float | None]) -> float | None:
-    known = [v for v in values if v is not None]
-    return sum(known) / len(known) if known else None
 
 
 def _value(metric) -> float | None:
@@ -96,13 +92,13 @@ class Evaluation(nn.Module):
             mine = [r for r, b in zip(per_backdoor, self.backdoors) if b.target_task == task]
             results[task] = {
                 "accuracy": _value(self.accuracy[i]), "share": _value(self.share[i]),
-                **{key: _mean_known([r[key] for r in mine]) for key in ("asr", "target_rate")},
+                **{key: mean_known([r[key] for r in mine]) for key in ("asr", "target_rate")},
             }
         return results, per_backdoor
 
 
 @torch.no_grad()
-def evaluate(
+def evaluate_backdoors(
     classifier: ImageClassifier,
     tasks: Sequence[Task],
     backdoors: Sequence[Backdoor] = (),
@@ -112,9 +108,10 @@ def evaluate(
     image_size: int = 32,
     batch_size: int = 500,
     split_seed: int = 0,
-) -> dict[str, dict[str, float | None]]:
-    """``{task: {"accuracy", "asr", "target_rate"}}`` for the tower (``tower_state`` loaded first);
-    ``asr`` and ``target_rate`` are None for a task no backdoor targets."""
+) -> tuple[dict[str, dict[str, float | None]], list[dict[str, float | None]]]:
+    """One pass over the views: ``{task: {"accuracy", "asr", "target_rate"}}`` for the tower
+    (``tower_state`` loaded first; ``asr`` and ``target_rate`` None for a task no backdoor
+    targets), and per backdoor its ``asr`` and ``target_rate``."""
     if tower_state is not None:
         classifier.tower.load_state_dict(tower_state)
     device = next(classifier.parameters()).device
@@ -126,5 +123,12 @@ def evaluate(
         head = evaluation.head(view)
         for images, labels in DataLoader(dataset, batch_size=batch_size):
             evaluation.update(view, classifier(images.to(device), head), labels.to(device))
-    results, _ = evaluation.compute()
-    return {task: {key: r[key] for key in ("accuracy", "asr", "target_rate")} for task, r in results.items()}
+    results, per_backdoor = evaluation.compute()
+    return {task: {key: r[key] for key in ("accuracy", "asr", "target_rate")} for task, r in results.items()}, per_backdoor
+
+
+def evaluate(
+    classifier: ImageClassifier, tasks: Sequence[Task], backdoors: Sequence[Backdoor] = (), **options,
+) -> dict[str, dict[str, float | None]]:
+    """The per-task results of :func:`evaluate_backdoors` (same options)."""
+    return evaluate_backdoors(classifier, tasks, backdoors, **options)[0]

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from safemerge.errors import CheckpointError
+from safemerge.errors import CheckpointError, ConfigError
 from safemerge.io import cache_dir, read_expert
 
 log = logging.getLogger(__name__)
@@ -151,8 +151,6 @@ MINI_HELDOUT_BACKDOORS: dict[str, dict[str, dict[str, Any]]] = {
 
 def mini_backdoor(task: str, variant: str) -> dict[str, Any]:
     """The attack of ``mini:<task>:<variant>``: ``backdoored`` is the default pool's."""
-    from safemerge.errors import ConfigError
-
     variants = {**({"backdoored": MINI_BACKDOORS[task]} if task in MINI_BACKDOORS else {}),
                 **MINI_HELDOUT_BACKDOORS.get(task, {})}
     if variant not in variants:
@@ -188,12 +186,9 @@ def resolve_expert(reference: str, accelerator: str = "auto") -> Path:
     if not reference.startswith(MINI_PREFIX):
         path = os.path.expandvars(os.path.expanduser(reference))
         if "$" in path:
-            from safemerge.errors import ConfigError
-
             raise ConfigError(f"expert {reference!r}: an environment variable in it is not set (e.g. export SAFEMERGE_EXPERTS=/path/to/experts/ViT-B-32)")
         return Path(path)
     from safemerge.data.domains import domain_task_names
-    from safemerge.errors import ConfigError
 
     task, _, variant = reference.removeprefix(MINI_PREFIX).partition(":")
     if task not in domain_task_names():

@@ -21,7 +21,8 @@ from safemerge.io import read_json, write_json, write_text
 REPORT_FORMAT = "safemerge-report/1"
 
 
-def _mean(values: Sequence[float | None]) -> float | None:
+def mean_known(values: Sequence[float | None]) -> float | None:
+    """The mean of the values that are not None; None if there are none."""
     known = [v for v in values if v is not None]
     return sum(known) / len(known) if known else None
 
@@ -46,7 +47,7 @@ def build_report(
             "accuracy": r["accuracy"], "asr": r.get("asr"), "target_rate": r.get("target_rate"), "expert_accuracy": expert,
             "normalized_accuracy": r["accuracy"] / expert if expert else None,
         }
-    average = {key: _mean([t[key] for t in tasks.values()]) for key in ("accuracy", "asr", "target_rate", "normalized_accuracy")}
+    average = {key: mean_known([t[key] for t in tasks.values()]) for key in ("accuracy", "asr", "target_rate", "normalized_accuracy")}
     return {
         "format": REPORT_FORMAT, "method": method, "tasks": tasks, "average": average,
         "backdoors": list(backdoors), "defense": dict(defense) if defense else None,

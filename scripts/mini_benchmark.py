@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,11 +29,14 @@ import torch  # noqa: E402
 from safemerge.attacks import Trigger  # noqa: E402
 from safemerge.data import get_task  # noqa: E402
 from safemerge.data.domains import domain_task_names  # noqa: E402
-from safemerge.evaluation import Backdoor, classifier_for, evaluate  # noqa: E402
+from safemerge.evaluation import Backdoor, classifier_for, evaluate, evaluate_backdoors  # noqa: E402
 from safemerge.experts import MINI_BACKDOORS, MINI_MODEL, MINI_RECIPE, MINI_WEIGHTS, ensure_expert, mini_pool  # noqa: E402
 from safemerge.io import read_expert, write_json  # noqa: E402
 from safemerge.merging import task_arithmetic, task_vectors, ties_merging  # noqa: E402
 from safemerge.models import load_clip  # noqa: E402
+from safemerge.report import mean_known, read_report  # noqa: E402
+
+from compare_methods import merge_command, run as run_command  # noqa: E402  (scripts/, beside this file)
 
 TA_LAMBDAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0)  # task arithmetic's scaling, chosen on val as the literature does
 TIES_LAMBDAS = (0.3, 0.5, 0.7, 1.0)
@@ -85,38 +87,35 @@ def main() -> None:
         for source, e in backdoored.items()
     }
 
-    def run(state, split="test", only=None):
-        chosen = [t for t in tasks if only is None or t.name in only]
-        return evaluate(classifier, chosen, list(backdoors.values()), tower_state=state, split=split,
-                        image_size=clip.image_size)
+    def run(state):
+        """Per task ACC, ASR and untriggered target rate, and every backdoor's own pair, in one pass."""
+        per_task, rates = evaluate_backdoors(classifier, tasks, list(backdoors.values()), tower_state=state,
+                                             image_size=clip.image_size)
+        per_backdoor = {source: {"target_task": b.target_task, **r} for (source, b), r in zip(backdoors.items(), rates)}
+        return {"test": per_task, "backdoors": per_backdoor}
 
-    def per_backdoor(state):
-        """Each backdoor alone (several could target one task): ASR and untriggered target rate."""
-        out = {}
-        for source, backdoor in backdoors.items():
-            task = get_task(backdoor.target_task)
-            result = evaluate(classifier, [task], [backdoor], tower_state=state, image_size=clip.image_size)
-            out[source] = {"target_task": backdoor.target_task, "asr": result[task.name]["asr"],
-                           "target_rate": result[task.name]["target_rate"]}
-        return out
+    def own_task(state, name):
+        """An expert on its own task only: ACC, nothing else to measure."""
+        return evaluate(classifier, [get_task(name)], tower_state=state, image_size=clip.image_size)[name]
 
     def chosen_on_val(merge, lambdas):
-        scores = {lam: _average(run(merge(lam), split="val")) for lam in lambdas}
+        # λ is chosen on clean val accuracy alone: no triggered views needed
+        scores = {lam: _average(evaluate(classifier, tasks, tower_state=merge(lam), split="val", image_size=clip.image_size))
+                  for lam in lambdas}
         lam = max(scores, key=scores.get)
-        state = merge(lam)
-        return {"lambda": lam, "val_accuracy": scores, "test": run(state), "backdoors": per_backdoor(state)}
+        return {"lambda": lam, "val_accuracy": scores, **run(merge(lam))}
 
     results: dict = {"real_clip_reference": REAL_CLIP, "tasks": names,
                      "chance": {t.name: 1 / t.num_classes for t in tasks}}
-    results["zero_shot"] = {"test": run(base), "backdoors": per_backdoor(base)}
-    results["experts"] = {n: run(e.encoder, only=[n])[n] for n, e in clean.items()}
-    results["backdoored_experts"] = {
-        n: {"accuracy": run(e.encoder, only=[n])[n]["accuracy"], **per_backdoor(e.encoder)[n]}
-        for n, e in backdoored.items()
-    }
+    results["zero_shot"] = run(base)
+    results["experts"] = {n: own_task(e.encoder, n) for n, e in clean.items()}
+    results["backdoored_experts"] = {}
+    for n, e in backdoored.items():
+        measured = run(e.encoder)
+        results["backdoored_experts"][n] = {"accuracy": measured["test"][n]["accuracy"], **measured["backdoors"][n]}
     pools = {"clean": [clean[n].encoder for n in names],
              "default": [(backdoored.get(n) or clean[n]).encoder for n in names]}
-    results["diagnostics"] = diagnostics(base, pools["clean"], names, run)
+    results["diagnostics"] = diagnostics(base, pools["clean"], names, run, results["zero_shot"]["test"])
     for pool, experts in pools.items():
         results[f"task_arithmetic_{pool}"] = chosen_on_val(lambda lam: task_arithmetic(base, experts, lam), TA_LAMBDAS)
         results[f"ties_{pool}"] = chosen_on_val(lambda lam: ties_merging(base, experts, 0.2, lam), TIES_LAMBDAS)
@@ -140,16 +139,15 @@ def _average(per_task: dict) -> float:
     return sum(r["accuracy"] for r in per_task.values()) / len(per_task)
 
 
-def diagnostics(base, experts, names, run) -> dict:
+def diagnostics(base, experts, names, run, zero_shot) -> dict:
     """Task-vector norms (relative to the base's), pairwise cosines, each expert alone at λ."""
     vectors = task_vectors(base, experts)
     flat = [torch.cat([v.flatten().float() for v in tv.values()]) for tv in vectors]
     base_norm = torch.cat([base[k].flatten().float() for k in vectors[0]]).norm()
     cosine = [[float(torch.nn.functional.cosine_similarity(a, b, dim=0)) for b in flat] for a in flat]
-    zero_shot = run(base)
     single = {}
     for name, expert in zip(names, experts):
-        merged = run(task_arithmetic(base, [expert], SINGLE_LAMBDA))
+        merged = run(task_arithmetic(base, [expert], SINGLE_LAMBDA))["test"]
         others = [merged[n]["accuracy"] - zero_shot[n]["accuracy"] for n in names if n != name]
         single[name] = {"own_gain": merged[name]["accuracy"] - zero_shot[name]["accuracy"],
                         "others_mean_change": sum(others) / len(others), "others_worst_change": min(others)}
@@ -161,25 +159,15 @@ def adamerging(seeds: list[int], output: Path) -> dict:
     """Layer-wise AdaMerging as shipped (configs/merge/adamerging.yaml), one run per seed."""
     reports = []
     for seed in seeds:
-        run = output / "adamerging" / f"seed{seed}"
-        if not (run / "report.json").is_file():
-            subprocess.run(
-                [sys.executable, str(REPO / "trainer.py"), "fit", "--config", str(REPO / "configs/merge/base.yaml"),
-                 "--config", str(REPO / "configs/merge/adamerging.yaml"),
-                 f"--seed_everything={seed}", f"--model.init_args.output_dir={run}", f"--trainer.default_root_dir={run}",
-                 "--trainer.logger=false", "--trainer.enable_progress_bar=false"],
-                check=True, stdout=subprocess.DEVNULL,
-            )
-        reports.append(json.loads((run / "report.json").read_text()))
+        directory = output / "adamerging" / f"seed{seed}"
+        if not (directory / "report.json").is_file():
+            configs = [REPO / "configs/merge/base.yaml", REPO / "configs/merge/adamerging.yaml"]
+            run_command(merge_command(configs, seed, directory), dry_run=False, label=f"adamerging seed {seed}")
+        reports.append(read_report(directory))
     tasks = list(reports[0]["tasks"])
-    mean = {t: {key: _mean([r["tasks"][t].get(key) for r in reports]) for key in ("accuracy", "asr", "target_rate")}
+    mean = {t: {key: mean_known([r["tasks"][t].get(key) for r in reports]) for key in ("accuracy", "asr", "target_rate")}
             for t in tasks}
     return {"seeds": seeds, "test": mean, "runtime_s": [r["runtime_s"] for r in reports]}
-
-
-def _mean(values):
-    known = [v for v in values if v is not None]
-    return sum(known) / len(known) if known else None
 
 
 def _pct(x) -> str:
