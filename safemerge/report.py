@@ -116,12 +116,13 @@ def _stat(values: Sequence[float | None]) -> tuple[float | None, float | None]:
     return statistics.fmean(known), statistics.stdev(known) if len(known) > 1 else 0.0
 
 
-def summarize(reports: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+def summarize(reports: Sequence[Mapping[str, Any]], labels: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     """Per method (in first-seen order): number of runs, and mean and std of every task's
-    accuracy and ASR and of the averages."""
+    accuracy and ASR and of the averages. ``labels`` (one per report) groups the runs instead
+    of the reports' method names, e.g. to tell a method from the same method with a defence."""
     by_method: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
-    for report in reports:
-        by_method[report["method"]].append(report)
+    for i, report in enumerate(reports):
+        by_method[labels[i] if labels is not None else report["method"]].append(report)
     summary = {}
     for method, runs in by_method.items():
         tasks = list(runs[0]["tasks"])
@@ -134,6 +135,55 @@ def summarize(reports: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]
             entry["average"][key] = _stat([r["average"][key] for r in runs])
         summary[method] = entry
     return summary
+
+
+def summarize_pools(
+    reports: Mapping[str, Mapping[str, Mapping[int, Mapping[str, Any]]]],
+) -> dict[str, dict[str, Any]]:
+    """Across pools: ``reports[pool][label][seed]``. Per label, each pool's average accuracy and
+    ASR (mean ± std over seeds), and the mean over pools, taken per seed and then summarised
+    over the seeds (a label with fewer seeds on a pool, e.g. a static method, reuses its runs)."""
+    labels: list[str] = []
+    for by_label in reports.values():
+        labels += [label for label in by_label if label not in labels]
+    summary = {}
+    for label in labels:
+        entry: dict[str, Any] = {"pools": {}, "average": {}}
+        seeds = sorted({s for by_label in reports.values() for s in by_label.get(label, {})})
+        per_seed: dict[tuple[str, int], list[float | None]] = defaultdict(list)
+        for pool, by_label in reports.items():
+            runs = by_label.get(label, {})
+            if not runs:
+                continue
+            entry["pools"][pool] = {k: _stat([r["average"][k] for r in runs.values()]) for k in ("accuracy", "asr")}
+            for key in ("accuracy", "asr", "normalized_accuracy"):
+                for seed in seeds:  # a seed missing on this pool (static method) takes the pool's mean
+                    run = runs.get(seed)
+                    value = run["average"][key] if run else _stat([r["average"][key] for r in runs.values()])[0]
+                    per_seed[key, seed].append(value)
+        complete = len(entry["pools"]) == len(reports)
+        for key in ("accuracy", "asr", "normalized_accuracy"):
+            means = [mean_known(per_seed[key, s]) for s in seeds] if complete else []
+            entry["average"][key] = _stat(means)
+        entry["runs"] = len(seeds)
+        summary[label] = entry
+    return summary
+
+
+def pools_table(summary: Mapping[str, Mapping[str, Any]], pools: Sequence[str]) -> str:
+    """Markdown: one row per label; per pool ``ACC / ASR``, then the mean over the pools
+    (mean ± std over seeds; — where a label did not run on every pool)."""
+    header = ["method", "seeds"] + [f"{p} ACC / ASR" for p in pools] + ["mean ACC", "mean ASR", "mean norm. ACC"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, entry in summary.items():
+        runs = entry["runs"]
+        cells = [label, str(runs)]
+        for pool in pools:
+            stats = entry["pools"].get(pool)
+            cells.append(f"{_cell(stats['accuracy'], runs)} / {_cell(stats['asr'], runs)}" if stats else "—")
+        cells += [_cell(entry["average"][k], runs) for k in ("accuracy", "asr", "normalized_accuracy")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _cell(stat: tuple[float | None, float | None], runs: int) -> str:

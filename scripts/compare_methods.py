@@ -1,15 +1,20 @@
-"""Run every method of ``configs/merge/`` over several seeds and write the comparison.
+"""Run methods × defences × pools over several seeds and write the comparison.
 
-    python scripts/compare_methods.py [--seeds 0 1 2] [--methods dam_task_arithmetic ...]
+    python scripts/compare_methods.py [--seeds 0 1 2] [--methods task_arithmetic task_arithmetic+sau
+        dam_task_arithmetic+patch_trigger ...] [--pools mini_heldout_blended ...]
         [--output outputs/compare] [-- extra trainer.py arguments]
 
-Each run is ``python trainer.py fit --config configs/merge/base.yaml --config
-configs/merge/<method>.yaml --seed_everything S``
-into ``<output>/<method>/seed<S>``; runs whose report exists are skipped (delete it to redo).
-Methods that learn nothing run once (their result does not depend on the seed). The table
-(mean ± std over seeds) goes to ``<output>/comparison.md``, the plot to
-``<output>/asr_vs_accuracy.png``. ``scripts/paper_grid.py`` runs its grid through
-:func:`run_and_compare` too.
+A method is a config of ``configs/merge/`` followed by options joined with ``+``, each a config
+of ``configs/defense/`` (a post-merge defence) or ``configs/dam/`` (a DAM variant):
+``task_arithmetic+sau`` is ``--config configs/merge/task_arithmetic.yaml --config
+configs/defense/sau.yaml``. Each run is ``python trainer.py fit --config configs/merge/base.yaml
+[--config configs/pools/<pool>.yaml] --config <method and options> --seed_everything S`` into
+``<output>[/<pool>]/<method>/seed<S>``; runs whose report exists are skipped (delete it to redo).
+Methods that learn nothing run once (their result does not depend on the seed). Per pool, the
+table (mean ± std over seeds) goes to ``comparison.md`` and the plot to ``asr_vs_accuracy.png``;
+with several pools, ``<output>/comparison.md`` and ``<output>/asr_vs_accuracy.png`` also give
+each pool's averages and their mean over the pools. ``scripts/paper_grid.py`` runs its grid
+through :func:`run_and_compare` too.
 """
 
 from __future__ import annotations
@@ -27,14 +32,44 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from safemerge.io import write_text  # noqa: E402
-from safemerge.report import comparison_table, plot_asr_vs_accuracy, read_report, summarize  # noqa: E402
+from safemerge.report import (  # noqa: E402
+    comparison_table, plot_asr_vs_accuracy, pools_table, read_report, summarize, summarize_pools,
+)
 
+CONFIGS = REPO / "configs"
 STATIC = {"weight_average", "task_arithmetic", "ties"}
+OPTION_FOLDERS = ("defense", "dam")
 
 
 def seeds_of(method: str, seeds: Sequence[int]) -> Sequence[int]:
-    """Methods that learn nothing run once: their result does not depend on the seed."""
+    """Methods that learn nothing run once: their result does not depend on the seed (a
+    defence on top of a static method learns, so it runs every seed)."""
     return seeds[:1] if method in STATIC else seeds
+
+
+def method_configs(method: str) -> list[Path]:
+    """The config files of ``name[+option...]``: ``configs/merge/<name>.yaml``, then each
+    option from ``configs/defense/`` or ``configs/dam/``."""
+    name, *options = method.split("+")
+    configs = [CONFIGS / "merge" / f"{name}.yaml"]
+    if name == "base" or not configs[0].is_file():
+        known = sorted(c.stem for c in configs[0].parent.glob("*.yaml") if c.stem != "base")
+        raise SystemExit(f"error: unknown method {name!r} in {method!r}; methods: {', '.join(known)}")
+    for option in options:
+        found = [CONFIGS / d / f"{option}.yaml" for d in OPTION_FOLDERS if (CONFIGS / d / f"{option}.yaml").is_file()]
+        if not found:
+            known = sorted(c.stem for d in OPTION_FOLDERS for c in (CONFIGS / d).glob("*.yaml"))
+            raise SystemExit(f"error: unknown option {option!r} in {method!r}; options (configs/defense, configs/dam): {', '.join(known)}")
+        configs.append(found[0])
+    return configs
+
+
+def pool_config(pool: str) -> Path:
+    path = CONFIGS / "pools" / f"{pool}.yaml"
+    if not path.is_file():
+        known = sorted(c.stem for c in path.parent.glob("*.yaml"))
+        raise SystemExit(f"error: unknown pool {pool!r}; pools (configs/pools): {', '.join(known)}")
+    return path
 
 
 def merge_command(
@@ -74,29 +109,48 @@ def run_and_compare(
         runs.append(directory)
     if dry_run:
         return None
-    summary = summarize([read_report(directory) for directory in runs])
+    summary = summarize([read_report(directory) for directory in runs], labels=[method for method, _, _ in jobs])
     table = comparison_table(summary)
     write_text(output / "comparison.md", table)
     plot_asr_vs_accuracy(summary, output / "asr_vs_accuracy.png")
     return table
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", help="config names under configs/merge (default: all)")
+    parser.add_argument("--methods", nargs="+", help="name[+option...] (default: every config under configs/merge)")
+    parser.add_argument("--pools", nargs="+", help="configs/pools names (default: the pool of configs/merge/base.yaml)")
     parser.add_argument("--output", default="outputs/compare")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands instead of running them")
     parser.add_argument("extra", nargs="*", help="arguments passed on to trainer.py (after --)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
-    base = REPO / "configs" / "merge" / "base.yaml"
-    methods = args.methods or [c.stem for c in sorted((REPO / "configs" / "merge").glob("*.yaml")) if c != base]
+    base = CONFIGS / "merge" / "base.yaml"
+    methods = args.methods or [c.stem for c in sorted((CONFIGS / "merge").glob("*.yaml")) if c != base]
+    configs = {method: method_configs(method) for method in methods}  # unknown names fail before any run
+    pools = {pool: [pool_config(pool)] for pool in args.pools} if args.pools else {"": []}
     output = Path(args.output)
-    jobs = [
-        (method, seed, merge_command([base, REPO / "configs" / "merge" / f"{method}.yaml"], seed, output / method / f"seed{seed}", args.extra))
-        for method in methods for seed in seeds_of(method, args.seeds)
-    ]
-    print(run_and_compare(jobs, output))
+    per_pool = {}
+    for pool, pool_configs in pools.items():
+        directory = output / pool
+        jobs = [
+            (method, seed, merge_command([base, *pool_configs, *configs[method]], seed, directory / method / f"seed{seed}", args.extra))
+            for method in methods for seed in seeds_of(method, args.seeds)
+        ]
+        table = run_and_compare(jobs, directory, dry_run=args.dry_run)
+        if table:
+            print(f"## {pool or 'base pool'}\n\n{table}")
+        per_pool[pool] = {
+            method: {seed: read_report(directory / method / f"seed{seed}") for seed in seeds_of(method, args.seeds)}
+            for method in methods
+        } if not args.dry_run else {}
+    if len(pools) > 1 and not args.dry_run:
+        summary = summarize_pools(per_pool)
+        table = pools_table(summary, list(pools))
+        write_text(output / "comparison.md", table)
+        plot_asr_vs_accuracy(summary, output / "asr_vs_accuracy.png")
+        print(f"## mean over {', '.join(pools)}\n\n{table}")
 
 
 if __name__ == "__main__":

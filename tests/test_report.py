@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from safemerge.report import build_report, comparison_table, main, read_report, summarize, write_report
+from safemerge.report import (
+    build_report, comparison_table, main, pools_table, read_report, summarize, summarize_pools, write_report,
+)
 
 
 def _report(method, shape_acc, shape_asr, color_acc, runtime=1.0):
@@ -51,3 +53,34 @@ def test_a_file_that_is_not_a_report_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "x.json").write_text('{"format": "other"}')
     assert main([str(tmp_path / "x.json")]) == 2
     assert "is not a safemerge report" in capsys.readouterr().err
+
+
+def test_labels_tell_a_method_from_the_same_method_with_a_defence():
+    runs = [_report("ta", 0.5, 0.4, 0.5), _report("ta", 0.4, 0.1, 0.4), _report("ta", 0.4, 0.2, 0.4)]
+    summary = summarize(runs, labels=["ta", "ta+sau", "ta+sau"])
+    assert list(summary) == ["ta", "ta+sau"] and summary["ta+sau"]["runs"] == 2
+    assert summary["ta+sau"]["average"]["asr"][0] == pytest.approx(0.15)
+
+
+def test_the_mean_over_pools_is_taken_per_seed_and_a_static_method_reuses_its_one_run():
+    # pool A: the learned method's two seeds; pool B: likewise; the static method ran once per pool
+    a = {"learned": {0: _report("l", 0.2, 0.1, 0.4), 1: _report("l", 0.4, 0.3, 0.4)}, "static": {0: _report("s", 0.5, 0.5, 0.5)}}
+    b = {"learned": {0: _report("l", 0.6, 0.5, 0.6), 1: _report("l", 0.6, 0.1, 0.6)}, "static": {0: _report("s", 0.1, 0.3, 0.1)}}
+    summary = summarize_pools({"A": a, "B": b})
+    learned = summary["learned"]
+    # averages (accuracy over shape and color): A seed0 0.3, seed1 0.4; B seed0 0.6, seed1 0.6
+    assert learned["pools"]["A"]["accuracy"] == pytest.approx((0.35, 0.0707107), rel=1e-5)
+    # mean over pools per seed: seed0 (0.3 + 0.6) / 2 = 0.45, seed1 (0.4 + 0.6) / 2 = 0.5
+    assert learned["average"]["accuracy"] == pytest.approx((0.475, 0.0353553), rel=1e-5)
+    # ASR (shape only): seed0 (0.1 + 0.5) / 2 = 0.3, seed1 (0.3 + 0.1) / 2 = 0.2
+    assert learned["average"]["asr"] == pytest.approx((0.25, 0.0707107), rel=1e-5)
+    assert summary["static"]["runs"] == 1 and summary["static"]["average"]["asr"] == (pytest.approx(0.4), 0.0)
+    table = pools_table(summary, ["A", "B"])
+    assert "| learned | 2 | 35.0 ± 7.1 / 20.0 ± 14.1 | 60.0 ± 0.0 / 30.0 ± 28.3 | 47.5 ± 3.5 | 25.0 ± 7.1 |" in table
+    assert "| static | 1 | 50.0 / 50.0 | 10.0 / 30.0 | 30.0 | 40.0 |" in table
+
+
+def test_a_method_missing_on_a_pool_has_no_mean_over_pools():
+    summary = summarize_pools({"A": {"ta": {0: _report("ta", 0.5, 0.5, 0.5)}}, "B": {}})
+    assert summary["ta"]["average"]["accuracy"] == (None, None)
+    assert "| ta | 1 | 50.0 / 50.0 | — | — | — | — |" in pools_table(summary, ["A", "B"])
