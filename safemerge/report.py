@@ -137,6 +137,9 @@ def summarize(reports: Sequence[Mapping[str, Any]], labels: Sequence[str] | None
     return summary
 
 
+POOL_KEYS = ("accuracy", "asr", "target_rate", "normalized_accuracy")
+
+
 def summarize_pools(
     reports: Mapping[str, Mapping[str, Mapping[int, Mapping[str, Any]]]],
 ) -> dict[str, dict[str, Any]]:
@@ -155,14 +158,14 @@ def summarize_pools(
             runs = by_label.get(label, {})
             if not runs:
                 continue
-            entry["pools"][pool] = {k: _stat([r["average"][k] for r in runs.values()]) for k in ("accuracy", "asr")}
-            for key in ("accuracy", "asr", "normalized_accuracy"):
+            entry["pools"][pool] = {k: _stat([r["average"].get(k) for r in runs.values()]) for k in POOL_KEYS}
+            for key in POOL_KEYS:
                 for seed in seeds:  # a seed missing on this pool (static method) takes the pool's mean
                     run = runs.get(seed)
-                    value = run["average"][key] if run else _stat([r["average"][key] for r in runs.values()])[0]
+                    value = run["average"].get(key) if run else _stat([r["average"].get(key) for r in runs.values()])[0]
                     per_seed[key, seed].append(value)
         complete = len(entry["pools"]) == len(reports)
-        for key in ("accuracy", "asr", "normalized_accuracy"):
+        for key in POOL_KEYS:
             means = [mean_known(per_seed[key, s]) for s in seeds] if complete else []
             entry["average"][key] = _stat(means)
         entry["runs"] = len(seeds)
@@ -171,17 +174,19 @@ def summarize_pools(
 
 
 def pools_table(summary: Mapping[str, Mapping[str, Any]], pools: Sequence[str]) -> str:
-    """Markdown: one row per label; per pool ``ACC / ASR``, then the mean over the pools
-    (mean ± std over seeds; — where a label did not run on every pool)."""
-    header = ["method", "seeds"] + [f"{p} ACC / ASR" for p in pools] + ["mean ACC", "mean ASR", "mean norm. ACC"]
+    """Markdown: one row per label; per pool ``ACC / ASR (untriggered target rate)``, then the
+    mean over the pools (mean ± std over seeds; — where a label did not run on every pool)."""
+    header = ["method", "seeds"] + [f"{p} ACC / ASR (untrig.)" for p in pools] + [
+        "mean ACC", "mean ASR", "mean untrig.", "mean norm. ACC"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, entry in summary.items():
         runs = entry["runs"]
         cells = [label, str(runs)]
         for pool in pools:
             stats = entry["pools"].get(pool)
-            cells.append(f"{_cell(stats['accuracy'], runs)} / {_cell(stats['asr'], runs)}" if stats else "—")
-        cells += [_cell(entry["average"][k], runs) for k in ("accuracy", "asr", "normalized_accuracy")]
+            cells.append(f"{_cell(stats['accuracy'], runs)} / {_cell(stats['asr'], runs)} ({_cell(stats['target_rate'], 1)})"
+                         if stats else "—")
+        cells += [_cell(entry["average"][k], runs) for k in ("accuracy", "asr", "target_rate", "normalized_accuracy")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -9,10 +9,10 @@ from safemerge.report import (
 )
 
 
-def _report(method, shape_acc, shape_asr, color_acc, runtime=1.0):
+def _report(method, shape_acc, shape_asr, color_acc, runtime=1.0, target_rate=None):
     return build_report(
         method,
-        {"shape": {"accuracy": shape_acc, "asr": shape_asr, "expert_accuracy": 0.8},
+        {"shape": {"accuracy": shape_acc, "asr": shape_asr, "target_rate": target_rate, "expert_accuracy": 0.8},
          "color": {"accuracy": color_acc, "asr": None, "expert_accuracy": None}},
         config={"seed": 0}, runtime_s=runtime,
     )
@@ -65,7 +65,8 @@ def test_labels_tell_a_method_from_the_same_method_with_a_defence():
 def test_the_mean_over_pools_is_taken_per_seed_and_a_static_method_reuses_its_one_run():
     # pool A: the learned method's two seeds; pool B: likewise; the static method ran once per pool
     a = {"learned": {0: _report("l", 0.2, 0.1, 0.4), 1: _report("l", 0.4, 0.3, 0.4)}, "static": {0: _report("s", 0.5, 0.5, 0.5)}}
-    b = {"learned": {0: _report("l", 0.6, 0.5, 0.6), 1: _report("l", 0.6, 0.1, 0.6)}, "static": {0: _report("s", 0.1, 0.3, 0.1)}}
+    b = {"learned": {0: _report("l", 0.6, 0.5, 0.6, target_rate=0.2), 1: _report("l", 0.6, 0.1, 0.6, target_rate=0.1)},
+         "static": {0: _report("s", 0.1, 0.3, 0.1)}}
     summary = summarize_pools({"A": a, "B": b})
     learned = summary["learned"]
     # averages (accuracy over shape and color): A seed0 0.3, seed1 0.4; B seed0 0.6, seed1 0.6
@@ -76,11 +77,12 @@ def test_the_mean_over_pools_is_taken_per_seed_and_a_static_method_reuses_its_on
     assert learned["average"]["asr"] == pytest.approx((0.25, 0.0707107), rel=1e-5)
     assert summary["static"]["runs"] == 1 and summary["static"]["average"]["asr"] == (pytest.approx(0.4), 0.0)
     table = pools_table(summary, ["A", "B"])
-    assert "| learned | 2 | 35.0 ± 7.1 / 20.0 ± 14.1 | 60.0 ± 0.0 / 30.0 ± 28.3 | 47.5 ± 3.5 | 25.0 ± 7.1 |" in table
-    assert "| static | 1 | 50.0 / 50.0 | 10.0 / 30.0 | 30.0 | 40.0 |" in table
+    # the untriggered target rate: known on pool B only (0.2, 0.1), so its mean is B's
+    assert "| learned | 2 | 35.0 ± 7.1 / 20.0 ± 14.1 (—) | 60.0 ± 0.0 / 30.0 ± 28.3 (15.0) | 47.5 ± 3.5 | 25.0 ± 7.1 | 15.0 ± 7.1 |" in table
+    assert "| static | 1 | 50.0 / 50.0 (—) | 10.0 / 30.0 (—) | 30.0 | 40.0 | — |" in table
 
 
 def test_a_method_missing_on_a_pool_has_no_mean_over_pools():
     summary = summarize_pools({"A": {"ta": {0: _report("ta", 0.5, 0.5, 0.5)}}, "B": {}})
     assert summary["ta"]["average"]["accuracy"] == (None, None)
-    assert "| ta | 1 | 50.0 / 50.0 | — | — | — | — |" in pools_table(summary, ["A", "B"])
+    assert "| ta | 1 | 50.0 / 50.0 (—) | — | — | — | — | — |" in pools_table(summary, ["A", "B"])
