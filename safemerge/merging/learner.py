@@ -81,7 +81,9 @@ class MergeLearner(nn.Module):
         super().__init__()
         self.encoder, self.method, self.defense = encoder, method, defense
         self.tasks, self.image_size, self.seed = list(tasks), image_size, seed
-        self._classifier = classifier
+        # Not a submodule (the caller owns it): its frozen tower and heads are no part of the
+        # learner's state, so neither learned.safetensors nor a resume checkpoint holds them.
+        object.__setattr__(self, "_classifier", classifier)
         self.static_weights = static_weights
         self.owners: list[Trainable] = [o for o in (method, defense) if hasattr(o, "stages")]
         self.schedule: list[tuple[str, int, Trainable]] = [
