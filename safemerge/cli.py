@@ -3,7 +3,9 @@
 ``python trainer.py fit --config configs/finetune.yaml``. Models and datamodules are chosen
 in the config by ``class_path``; the datamodule's image size is linked from the model.
 A user mistake (:class:`~safemerge.errors.SafemergeError`) is printed as one ``error:`` line
-and exits with status 2; nothing is written before the inputs are checked.
+and exits with status 2; nothing is written before the inputs are checked. A learned merge
+stopped by SIGTERM saves its state and exits with status 143; ``--ckpt_path last`` resumes it
+(:mod:`safemerge.modules.resume`).
 """
 
 from __future__ import annotations
@@ -14,9 +16,12 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from safemerge.errors import SafemergeError
+from safemerge.errors import CheckpointError, SafemergeError
 from safemerge.experts import MINI_PREFIX, resolve_experts
+from safemerge.io import read_checkpoint
+from safemerge.modules.resume import SIGTERM_EXIT_STATUS, last_checkpoint
 
 
 def _default_wandb_mode() -> None:
@@ -36,6 +41,11 @@ class SafemergeCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(L.LightningModule, L.LightningDataModule, *args, **kwargs)
+
+    def _parse_ckpt_path(self) -> None:
+        """The config is the command line's: a checkpoint is never unpickled into it (LightningCLI
+        would read its hyper-parameters here, before any check). A merge's checkpoint is read
+        safely and checked against the config in :meth:`_check_resume_checkpoint`."""
 
     def add_arguments_to_parser(self, parser) -> None:
         # The model decides the image size; the datamodule serves images of that size.
@@ -59,8 +69,31 @@ class SafemergeCLI(LightningCLI):
         check = getattr(self.datamodule, "check_inputs", None)
         if check is not None:
             check()
+        if hasattr(self.model, "check_resumable"):
+            self._check_resume_checkpoint()
 
     before_fit = before_validate = before_test = before_predict = _check_inputs
+
+    def _check_resume_checkpoint(self) -> None:
+        """A merge's ``--ckpt_path``: ``last`` is its output directory's resume checkpoint; the
+        file is read safely and must belong to this merge. Lightning then loads it weights-only."""
+        kwargs = self.config_init[self.subcommand]
+        path = kwargs.get("ckpt_path")
+        if not path:
+            return
+        if path == "last":
+            output_dir = self.model.hparams.output_dir
+            if not output_dir:
+                raise CheckpointError("--ckpt_path last: this merge has no output_dir, so it writes no checkpoint to resume")
+            path = last_checkpoint(output_dir)
+            if not path.is_file():
+                raise CheckpointError(
+                    f"--ckpt_path last: there is no checkpoint to resume in {path.parent} (a learned merge writes "
+                    f"{path.name} there while it runs); run without --ckpt_path to start the merge"
+                )
+        self.model.check_resumable(read_checkpoint(path), f"checkpoint {path}")
+        kwargs["ckpt_path"] = str(path)
+        kwargs["weights_only"] = True
 
     def after_fit(self) -> None:
         # The final test metrics go into the expert (or report) the model writes.
@@ -86,6 +119,8 @@ def main(args: list[str] | None = None) -> None:
     _default_wandb_mode()
     try:
         SafemergeCLI(args=args)
+    except SIGTERMException:  # the merge saved its state and said how to resume
+        raise SystemExit(SIGTERM_EXIT_STATUS) from None
     except Exception as err:
         user_error = _user_error(err)
         if user_error is None:

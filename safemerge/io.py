@@ -104,17 +104,7 @@ def load_tensors(path: str | os.PathLike) -> StateDict:
                 f"checkpoint {path} is not a readable safetensors file ({_first_line(err)}); "
                 "it may be truncated or corrupt: re-create or re-download it"
             ) from None
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise UnsafeCheckpointError(
-            f"refusing to load {path}: it is a pickle that needs arbitrary Python objects to "
-            "load, which could run code. Only tensors are accepted; convert it on a trusted "
-            "machine to safetensors (safetensors.torch.save_file(model.state_dict(), ...)). "
-            f"Detail: {_unpickling_detail(err)}"
-        ) from None
-    except Exception as err:  # torch's zip and legacy readers raise many kinds on damaged input
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {_first_line(err)})") from None
+    data = _torch_load(path, "convert it on a trusted machine to safetensors (safetensors.torch.save_file(model.state_dict(), ...))")
     if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):
         data = data["state_dict"]
     if not isinstance(data, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()):
@@ -122,6 +112,32 @@ def load_tensors(path: str | os.PathLike) -> StateDict:
     if data and all(k.startswith("module.") for k in data):
         data = {k.removeprefix("module."): v for k, v in data.items()}
     return dict(data)
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a pickled checkpoint that holds only tensors and plain containers (dict, list,
+    str, numbers), such as a merge's resume checkpoint, without executing code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    data = _torch_load(path, "re-create it with safemerge, whose checkpoints hold only tensors and plain types")
+    if not isinstance(data, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(data).__name__}, not a dictionary")
+    return data
+
+
+def _torch_load(path: Path, remedy: str) -> Any:
+    """``torch.load(weights_only=True)``: a pickle that needs arbitrary objects is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UnsafeCheckpointError(
+            f"refusing to load {path}: it is a pickle that needs arbitrary Python objects to "
+            f"load, which could run code. Only tensors and plain types are accepted; {remedy}. "
+            f"Detail: {_unpickling_detail(err)}"
+        ) from None
+    except Exception as err:  # torch's zip and legacy readers raise many kinds on damaged input
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {_first_line(err)})") from None
 
 
 def check_weights(state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], source: str) -> None:

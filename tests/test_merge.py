@@ -280,6 +280,16 @@ def test_adaptation_batches_are_sharded_so_processes_see_the_single_process_batc
         AdaptationStream(data, batch_size=3, steps=1, world_size=2)
 
 
+def test_a_resumed_adaptation_stream_continues_with_the_batches_of_an_uninterrupted_one():
+    data = {t: torch.utils.data.TensorDataset(torch.arange(10.0).view(10, 1, 1, 1) + i, torch.zeros(10)) for i, t in enumerate("ab")}
+    whole = list(AdaptationStream(data, batch_size=4, steps=7, seed=1))
+    for workers in (0, 2):
+        resumed = AdaptationStream(data, batch_size=4, steps=7, seed=1, start=3)
+        tail = list(torch.utils.data.DataLoader(resumed, batch_size=None, num_workers=workers))
+        assert len(resumed) == 7 and len(tail) == 4  # the schedule's length; the steps left
+        assert all(torch.equal(a[t], b[t]) for a, b in zip(whole[3:], tail) for t in "ab"), workers
+
+
 # ----------------------------------------------------------------------------- bad pools
 
 
@@ -346,8 +356,10 @@ def test_bad_expert_references_are_clear_errors(args, message, pool, tmp_path, m
 # ----------------------------------------------------------------------------- DDP
 
 
-def _fit(pool, out: Path, *extra: str, launcher=(sys.executable,), env=None) -> dict[str, torch.Tensor]:
-    command = [
+def _merge_command(pool, out: Path, *extra: str, launcher=(sys.executable,)) -> list[str]:
+    """A small learned merge in a fresh process: DAM over AdaMerging (3 mask steps, 2 λ steps)
+    with AWM (2 steps) on top, 4 images per task per step."""
+    return [
         *launcher, str(REPO / "trainer.py"), "fit", "--config", str(BASE),
         "--config", str(REPO / "configs" / "merge" / "dam_adamerging.yaml"), "--config", str(REPO / "configs" / "defense" / "awm.yaml"),
         "--model.init_args.defense.init_args.steps=2",
@@ -356,7 +368,11 @@ def _fit(pool, out: Path, *extra: str, launcher=(sys.executable,), env=None) -> 
         "--model.init_args.method.init_args.adamerging_steps=2", "--model.init_args.method.init_args.perturbation_lr=0.01",
         "--data.init_args.batch_size=4", f"--model.init_args.output_dir={out}", f"--trainer.default_root_dir={out}", *extra,
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=out.parent, env=env)
+
+
+def _fit(pool, out: Path, *extra: str, launcher=(sys.executable,), env=None) -> dict[str, torch.Tensor]:
+    result = subprocess.run(_merge_command(pool, out, *extra, launcher=launcher), capture_output=True, text=True,
+                            timeout=900, cwd=out.parent, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     return load_tensors(out / "learned.safetensors")
 
@@ -423,3 +439,116 @@ def test_an_expert_fine_tuned_while_the_cli_builds_the_merge_module_gets_its_own
     with _given_hyperparameters_context({"experts": ["mini:mini_textures"], "method": None}, "MergeModule"):
         directory = ensure_expert(spec, accelerator="cpu")
     assert read_expert(directory).task == "mini_textures"
+
+
+# ----------------------------------------------------------------------------- resuming
+
+QUICK_TEST = ["--trainer.limit_test_batches=1"]  # the report from the first 500 test images of every view
+STOP = '--trainer.callbacks+={{"class_path": "interrupt.SignalAfter", "init_args": {{"steps": {steps}, "signal_name": "{signal}"}}}}'
+
+
+def _run(pool, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**__import__("os").environ, "PYTHONPATH": str(REPO / "tests")}  # for interrupt.SignalAfter
+    return subprocess.run(_merge_command(pool, out, *QUICK_TEST, *extra), capture_output=True, text=True, timeout=900,
+                          cwd=out.parent, env=env)
+
+
+def _outcome(out: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    report = json.loads((out / "report.json").read_text())
+    report.pop("runtime_s")
+    return load_tensors(out / "learned.safetensors"), report
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(pool, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted") / "out"
+    result = _run(pool, out)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out
+
+
+@pytest.mark.parametrize("signal, steps, every, resumed_at", [
+    ("SIGTERM", 6, 100, 6),  # in AWM: λ, mask, δ, the attribution's cap and the defence's Δ are all under way
+    ("SIGKILL", 5, 2, 4),  # no chance to save: the periodic checkpoint of step 4 (in AdaMerging)
+], ids=["sigterm-in-the-defence", "killed-after-a-periodic-checkpoint"])
+def test_an_interrupted_merge_resumes_with_ckpt_path_last_to_the_uninterrupted_result(
+        signal, steps, every, resumed_at, pool, uninterrupted, tmp_path):
+    """7 steps (3 DAM mask steps, 2 AdaMerging steps, 2 AWM steps), interrupted after ``steps``,
+    then ``--ckpt_path last``: every learned tensor and the report equal an uninterrupted run's.
+    The resumed steps need the optimizers' moments, the stream's position, the attribution's
+    edit of the task vectors and the defence's Δ restored: without any of them this fails."""
+    out = tmp_path / "out"
+    interrupted = _run(pool, out, f"--model.init_args.checkpoint_every={every}", STOP.format(steps=steps, signal=signal))
+    checkpoint = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["safemerge"]["completed_steps"] == resumed_at, interrupted.stderr[-4000:]
+    assert not (out / "report.json").exists() and not (out / "learned.safetensors").exists()
+    if signal == "SIGTERM":
+        assert interrupted.returncode == 143, interrupted.stderr[-4000:]
+        assert "received SIGTERM after 6 of 7 adaptation steps" in interrupted.stderr
+        assert "--ckpt_path last" in interrupted.stderr and "Traceback" not in interrupted.stderr
+    # only the trainable state: no frozen task vector, no base weight
+    assert not any(k.startswith(("encoder.", "learner.encoder.", "clip.", "classifier.")) for k in checkpoint["state_dict"])
+
+    resumed = _run(pool, out, f"--model.init_args.checkpoint_every={every}", "--ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    (learned, report), (expected, expected_report) = _outcome(out), _outcome(uninterrupted)
+    assert learned.keys() == expected.keys() and int(learned["completed_steps"]) == 7
+    difference = max(float((learned[k].float() - expected[k].float()).abs().max()) for k in expected)
+    assert difference <= 1e-6, difference
+    assert report == expected_report
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (print, ("this ran while the checkpoint was read",))
+
+
+def _tamper(checkpoint: dict, path: Path) -> None:
+    checkpoint["state_dict"]["coefficients"] = torch.zeros(2, 3)
+    torch.save(checkpoint, path)
+
+
+def _drop_tensor(checkpoint: dict, path: Path) -> None:
+    del checkpoint["state_dict"]["mask.logits.0"]
+    torch.save(checkpoint, path)
+
+
+BAD_RESUMES = {
+    "no checkpoint": (None, [], "--ckpt_path last: there is no checkpoint to resume in .*checkpoints .*run without --ckpt_path"),
+    "another method": ("copy", ["--model.init_args.method.init_args.steps=4"],
+                       "another method: steps 3 in the checkpoint, 4 in this run; resume with the method it was written with"),
+    "another defence": ("copy", ["--model.init_args.defense=null"], "another defense: awm in the checkpoint, None in this run"),
+    "another pool": ("copy", ["pool[:2]"], "another pool: .*resume with the same pool"),
+    "another seed": ("copy", ["--seed_everything=1"], "another seed: 0, this run has 1"),
+    "learned tensor of another shape": (_tamper, [], "learned tensor 'coefficients' is \\(2, 3\\) torch.float32, this merge's is \\(3, \\d+\\)"),
+    "missing learned tensor": (_drop_tensor, [], "1 missing \\(e.g. \\['mask.logits.0'\\]\\)"),
+    "a pickle that runs code": (lambda c, path: torch.save({"safemerge": _Exploit()}, path), [], "refusing to load .*last.ckpt"),
+    "a merge that learns nothing": ("copy", ["static"], "learns nothing and has nothing to resume: drop --ckpt_path"),
+}
+
+
+@pytest.mark.parametrize("make, args, message", BAD_RESUMES.values(), ids=BAD_RESUMES.keys())
+def test_bad_resumes_are_one_line_errors_that_write_nothing(make, args, message, pool, uninterrupted, tmp_path,
+                                                           monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    if make is not None:
+        (out / "checkpoints").mkdir(parents=True)
+        target = out / "checkpoints" / "last.ckpt"
+        shutil.copy(uninterrupted / "checkpoints" / "last.ckpt", target)
+        if make != "copy":
+            make(torch.load(target, weights_only=True), target)
+    before = sorted(tmp_path.rglob("*"))
+    experts = pool[:2] if "pool[:2]" in args else pool
+    command = _merge_command(experts, out, *(a for a in args if a not in ("pool[:2]", "static")), "--ckpt_path=last")[2:]
+    if "static" in args:  # the same checkpoint, offered to task arithmetic
+        command = ["fit", "--config", str(BASE), "--config", str(REPO / "configs" / "merge" / "task_arithmetic.yaml"), *QUIET,
+                   _experts_arg(pool), f"--model.init_args.output_dir={out}", f"--ckpt_path={out / 'checkpoints' / 'last.ckpt'}"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(command)
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    err = captured.err
+    assert err.startswith("error: ") and err.count("\n") == 1 and __import__("re").search(message, err), err
+    assert "this ran" not in captured.out + err
+    assert sorted(tmp_path.rglob("*")) == before

@@ -32,20 +32,25 @@ class AdaptationStream(IterableDataset):
     (epochs of seeded permutations), the same in every process; a process keeps its share
     ``[rank::world_size]``. So a run on N processes sees exactly the batches of a
     single-process run with the same global batch size. With dataloader workers, worker
-    ``w`` materialises the steps ``w, w + W, ...`` (the loader interleaves them back in order).
-    Labels are dropped: adaptation is unsupervised.
+    ``w`` materialises the steps ``start + w, start + w + W, ...`` (the loader interleaves them
+    back in order). Labels are dropped: adaptation is unsupervised.
+
+    A resumed merge starts at ``start`` (its completed steps): the permutations are drawn from
+    step 0 (indices only, no image is loaded), so step ``s`` gets the batch of an uninterrupted
+    run. The length stays ``steps``, the schedule's, which is what Lightning counts the resumed
+    epoch against.
     """
 
     def __init__(
         self, datasets: dict[str, Dataset], batch_size: int, steps: int, seed: int = 0,
-        rank: int = 0, world_size: int = 1,
+        rank: int = 0, world_size: int = 1, start: int = 0,
     ) -> None:
         if batch_size % world_size:
             raise ConfigError(
                 f"the adaptation batch size ({batch_size} per task) must be divisible by the number "
                 f"of processes ({world_size}) so every process gets the same share"
             )
-        self.datasets, self.batch_size, self.steps = datasets, batch_size, steps
+        self.datasets, self.batch_size, self.steps, self.start = datasets, batch_size, steps, start
         self.seed, self.rank, self.world_size = seed, rank, world_size
 
     def __len__(self) -> int:
@@ -57,7 +62,7 @@ class AdaptationStream(IterableDataset):
         orders = {task: self._indices(task, len(ds)) for task, ds in self.datasets.items()}
         for step in range(self.steps):
             indices = {task: [next(order) for _ in range(self.batch_size)] for task, order in orders.items()}
-            if step % workers == worker:
+            if step >= self.start and (step - self.start) % workers == worker:
                 yield {
                     task: torch.stack([self.datasets[task][i][0] for i in idx[self.rank :: self.world_size]])
                     for task, idx in indices.items()
@@ -163,9 +168,12 @@ class MergeDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         tasks = self._bound()
         trainer = self.trainer
+        # A resumed merge continues the stream where its learned state stopped.
+        start = getattr(trainer.lightning_module, "completed_steps", 0) if trainer else 0
         stream = AdaptationStream(
             {t.name: self.adaptation_set(t) for t in tasks}, self.batch_size, self.steps,
             seed=self.seed, rank=trainer.global_rank if trainer else 0, world_size=trainer.world_size if trainer else 1,
+            start=start,
         )
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers, persistent_workers=False)
 

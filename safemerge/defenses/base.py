@@ -106,6 +106,12 @@ class Defense:
     def defense_step(self, learner, step: int, batch, optimizers, reduce) -> dict[str, float]:
         raise NotImplementedError
 
+    def resumed(self, learner) -> None:
+        """The merged update Δ is not stored: a defence resumed after its start derives it again."""
+        if self.started(learner):
+            learner.defense_parts.masked_update.start_(
+                learner.encoder.base(), learner.method_weights(), learner.encoder.names)
+
     def defended_weights(self, learner, masked: bool = True) -> dict[str, Tensor]:
         return learner.defense_parts.masked_update.weights(learner.encoder.base(), learner.encoder.names, masked)
 

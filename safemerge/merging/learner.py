@@ -54,6 +54,10 @@ class Trainable(Protocol):
     def step(self, learner: "MergeLearner", stage: str, step: int, batch: Batch, optimizers: Optimizers,
              reduce: Reduce) -> dict[str, float]: ...
 
+    def resumed(self, learner: "MergeLearner") -> None:
+        """After :meth:`MergeLearner.resume`: re-derive what a step changed but the learned state
+        does not hold (frozen tensors edited in place, non-persistent buffers)."""
+
 
 class MergeLearner(nn.Module):
     """The learned parts of a merge over ``encoder`` and the schedule that trains them.
@@ -77,13 +81,17 @@ class MergeLearner(nn.Module):
         super().__init__()
         self.encoder, self.method, self.defense = encoder, method, defense
         self.tasks, self.image_size, self.seed = list(tasks), image_size, seed
-        self._classifier = classifier
+        # Not a submodule (the caller owns it): its frozen tower and heads are no part of the
+        # learner's state, so neither learned.safetensors nor a resume checkpoint holds them.
+        object.__setattr__(self, "_classifier", classifier)
         self.static_weights = static_weights
         self.owners: list[Trainable] = [o for o in (method, defense) if hasattr(o, "stages")]
         self.schedule: list[tuple[str, int, Trainable]] = [
             (name, steps, owner) for owner in self.owners for name, steps in owner.stages() if steps > 0
         ]
         self.attribution: dict | None = None  # set by a method that attributes the simulated trigger
+        # The schedule's position: part of the learned state, so a resumed run knows where it is.
+        self.register_buffer("completed_steps", torch.zeros((), dtype=torch.long))
         for owner in self.owners:
             owner.build(self)
 
@@ -113,8 +121,12 @@ class MergeLearner(nn.Module):
 
     def training_step(self, step: int, batch: Batch, optimizers: Optimizers, reduce: Reduce = lambda g: g) -> dict[str, float]:
         """One step of the stage ``step`` falls in; returns the losses to log."""
+        if step != int(self.completed_steps):
+            raise RuntimeError(f"step {step} is not the learner's next step ({int(self.completed_steps)})")
         name, local, owner = self.stage(step)
-        return owner.step(self, name, local, batch, optimizers, reduce)
+        losses = owner.step(self, name, local, batch, optimizers, reduce)
+        self.completed_steps += 1
+        return losses
 
     # ------------------------------------------------------------------ the merged model
 
@@ -179,8 +191,20 @@ class MergeLearner(nn.Module):
         return float(sum(F.cross_entropy(l.detach().float(), pseudo_labels[t]) for t, l in logits.items()))
 
     def learned_state(self) -> dict[str, Tensor]:
-        """Everything learned (λ, mask logits, triggers, defence masks), not the frozen encoder."""
+        """Everything learned (λ, mask logits, triggers, defence masks, the step count), not the
+        frozen encoder (re-derived from the experts)."""
         return {k: v.detach() for k, v in self.state_dict().items() if not k.startswith("encoder.")}
+
+    def resume(self, state: Mapping[str, Tensor], attribution: dict | None = None) -> None:
+        """Load a :meth:`learned_state` (same keys and shapes: the caller checks) and what the
+        steps recorded beside it, then let every owner re-derive the rest (:meth:`Trainable.resumed`)."""
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        left = [k for k in missing if not k.startswith("encoder.")]
+        if left or unexpected:
+            raise KeyError(f"learned state: missing {left[:3]}, unexpected {unexpected[:3]}")
+        self.attribution = attribution
+        for owner in self.owners:
+            owner.resumed(self)
 
     @torch.no_grad()
     def statistics(self) -> dict[str, float]:

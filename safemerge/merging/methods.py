@@ -160,6 +160,9 @@ class LearnedMerge(MergeMethod):
         """The mask after training (rescaled), or None without one."""
         return None
 
+    def resumed(self, learner) -> None:
+        """λ and the masks are the learned state itself: nothing to re-derive."""
+
     def merged_weights(self, learner) -> dict[str, Tensor]:
         return learner.encoder.weights(learner.coefficients, self.fixed_mask(learner))
 
@@ -490,10 +493,23 @@ class DefenseAwareMask:
             "flip_rate": full, "drop": dict(zip(learner.tasks, drops)), "expert": learner.tasks[top],
             "action": self.attribution, "factor": self.attribution_factor,
         }
-        if self.attribution == "cap":
-            learner.encoder.edit_expert_(top, scale=self.attribution_factor)
-        elif self.attribution == "trim":
-            learner.encoder.edit_expert_(top, trim=self.attribution_factor)
+        self.edit_attributed(learner)
+
+    @staticmethod
+    def edit_attributed(learner) -> None:
+        """Cap or trim the attributed expert's task vector, as ``learner.attribution`` records."""
+        attribution = learner.attribution
+        top = learner.tasks.index(attribution["expert"])
+        if attribution["action"] == "cap":
+            learner.encoder.edit_expert_(top, scale=attribution["factor"])
+        elif attribution["action"] == "trim":
+            learner.encoder.edit_expert_(top, trim=attribution["factor"])
+
+    def resumed(self, learner) -> None:
+        """The attribution edits the frozen task vectors: a resumed run edits them again."""
+        super().resumed(learner)
+        if learner.attribution is not None:
+            self.edit_attributed(learner)
 
     @torch.no_grad()
     def statistics(self, learner) -> dict[str, float]:

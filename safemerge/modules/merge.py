@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -22,9 +23,13 @@ from safemerge.io import Expert, check_weights, expert_info, read_expert, save_t
 from safemerge.merging import LearnedMerge, MergedEncoder, MergeMethod, StaticMerge
 from safemerge.merging.learner import MergeLearner
 from safemerge.models import load_clip
+from safemerge.modules.resume import RESUME_FORMAT, ResumeCheckpoint, last_checkpoint
 from safemerge.report import build_report, report_markdown, write_report
 
 log = logging.getLogger(__name__)
+# A resumed merge's adaptation stream starts at the learner's step count (the datamodule reads
+# it), which Lightning cannot see: its warning that the dataloader is not resumable is wrong here.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 LEARNED_FILE = "learned.safetensors"
 
@@ -56,6 +61,10 @@ class MergeModule(L.LightningModule):
             memory; the merged weights are still formed in float32).
         checkpoint_chunk: images per checkpointed chunk of the merged tower's forward while
             learning (None: no checkpointing); bounds activation memory at scale.
+        checkpoint_every: a merge that learns writes its resume checkpoint
+            (``<output_dir>/checkpoints/last.ckpt``) every this many adaptation steps (None:
+            only at the end of training and on SIGTERM); ``--ckpt_path last`` resumes from it
+            (:mod:`safemerge.modules.resume`).
     """
 
     def __init__(
@@ -69,10 +78,14 @@ class MergeModule(L.LightningModule):
         output_dir: str | None = "outputs/merge",
         task_vector_dtype: Literal["float32", "bfloat16"] = "float32",
         checkpoint_chunk: int | None = None,
+        checkpoint_every: int | None = 100,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["method", "defense"])
         self.automatic_optimization = False
+        self.strict_loading = False  # a resume checkpoint holds the learned tensors only (on_load_checkpoint)
+        if checkpoint_every is not None and checkpoint_every < 1:
+            raise ConfigError(f"checkpoint_every is a number of adaptation steps >= 1 (or null), got {checkpoint_every}")
         if not experts:
             raise ConfigError("no experts to merge: list expert directories (or mini:<task>) under model.init_args.experts")
         if not isinstance(method, MergeMethod):
@@ -133,6 +146,16 @@ class MergeModule(L.LightningModule):
         self._ddp_params_and_buffers_to_ignore = [
             name for name, tensor in [*self.named_parameters(), *self.named_buffers()] if id(tensor) not in learned
         ]
+
+    @property
+    def completed_steps(self) -> int:
+        return int(self.learner.completed_steps) if self.learner is not None else 0
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        attached = any(isinstance(c, ResumeCheckpoint) for c in self.trainer.callbacks)  # by fit, before test
+        if self.learner is None or not self.hparams.output_dir or attached:
+            return []
+        return [ResumeCheckpoint(last_checkpoint(self.hparams.output_dir), self.hparams.checkpoint_every)]
 
     def configure_optimizers(self):
         if self.learner is None:
@@ -276,6 +299,101 @@ class MergeModule(L.LightningModule):
         if self.learner is not None:  # λ, mask logits, triggers, defence masks, for inspection
             save_tensors(directory / LEARNED_FILE, self.learner.learned_state())
         write_report(directory, report)
+
+
+    # ------------------------------------------------------------------ resuming
+
+    def _resume_record(self) -> dict:
+        """What a resume checkpoint belongs to (plain types), checked before it is loaded."""
+        return {
+            "format": RESUME_FORMAT, "experts": self.expert_names, "tasks": self.task_names,
+            "model": self.clip.name, "pretrained": self.clip.pretrained, "seed": self.seed,
+            "method": self.method.describe(), "defense": self.defense.describe() if self.defense else None,
+            "optimizers": self._optimizer_names if hasattr(self, "_optimizer_names") else list(self.learner.make_optimizers()),
+            "adaptation_steps": self.adaptation_steps,
+            "completed_steps": self.completed_steps, "attribution": self.learner.attribution,
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Only the trainable state: the frozen base, task vectors and heads are re-derived from
+        # the experts. Lightning's hyper-parameter entries go (the record below says what matters).
+        checkpoint["state_dict"] = {k: v.cpu() for k, v in self.learner.learned_state().items()}
+        for key in ("hyper_parameters", "hparams_name", "datamodule_hyper_parameters", "datamodule_hparams_name"):
+            checkpoint.pop(key, None)
+        checkpoint["safemerge"] = self._resume_record()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.check_resumable(checkpoint, "the checkpoint")
+        record = checkpoint["safemerge"]
+        self.learner.resume(checkpoint["state_dict"], record["attribution"])
+        checkpoint["state_dict"] = {}  # loaded; Lightning's own (non-strict) load has nothing left to do
+
+    def check_resumable(self, checkpoint: dict, source: str) -> None:
+        """A one-line :class:`CheckpointError` unless ``checkpoint`` is a resume checkpoint of
+        this very merge: the same pool, method, defence and seed, the same learned tensors."""
+        record = checkpoint.get("safemerge")
+        if not isinstance(record, dict) or record.get("format") != RESUME_FORMAT:
+            raise CheckpointError(
+                f"{source} is not a safemerge merge checkpoint (no {RESUME_FORMAT!r} record): resume only from "
+                f"the {last_checkpoint('<output_dir>')} a merge writes"
+            )
+        fresh = "or start afresh without --ckpt_path (in another output_dir to keep the old one)"
+        if self.learner is None:
+            raise CheckpointError(
+                f"{source} belongs to a learned merge ({record['method'].get('name')}), but this merge "
+                f"({self.method.name}, no defence) learns nothing and has nothing to resume: drop --ckpt_path"
+            )
+        ours = self._resume_record()
+        for key, what in (("experts", "pool"), ("tasks", "tasks"), ("model", "base model"),
+                          ("pretrained", "pretrained weights"), ("seed", "seed")):
+            if record.get(key) != ours[key]:
+                raise CheckpointError(
+                    f"{source} was written by a merge with another {what}: {record.get(key)!r}, this run has "
+                    f"{ours[key]!r}; resume with the same {what}, {fresh}"
+                )
+        for key in ("method", "defense"):
+            if record.get(key) != ours[key]:
+                raise CheckpointError(
+                    f"{source} was written by a merge with another {key}: {_difference(record.get(key), ours[key])}; "
+                    f"resume with the {key} it was written with, {fresh}"
+                )
+        state, expected = checkpoint.get("state_dict"), self.learner.learned_state()
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{source} has no learned tensors (state_dict)")
+        missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{source} does not hold this merge's learned tensors: {len(missing)} missing (e.g. {missing[:3]}), "
+                f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}); resume a checkpoint of this merge, {fresh}"
+            )
+        for name, tensor in expected.items():
+            theirs = state[name]
+            if not isinstance(theirs, Tensor) or theirs.shape != tensor.shape or theirs.dtype != tensor.dtype:
+                found = f"{tuple(theirs.shape)} {theirs.dtype}" if isinstance(theirs, Tensor) else type(theirs).__name__
+                raise CheckpointError(
+                    f"{source}: learned tensor {name!r} is {found}, this merge's is {tuple(tensor.shape)} {tensor.dtype}; "
+                    f"resume a checkpoint of this merge, {fresh}"
+                )
+        optimizers = checkpoint.get("optimizer_states")
+        if record.get("optimizers") != ours["optimizers"] or not isinstance(optimizers, list) or len(optimizers) != len(ours["optimizers"]):
+            raise CheckpointError(
+                f"{source} holds the optimizers {record.get('optimizers')}, this merge has {ours['optimizers']}; {fresh}"
+            )
+        if not 0 <= int(state["completed_steps"]) <= self.adaptation_steps:
+            raise CheckpointError(f"{source} is at step {int(state['completed_steps'])} of a {self.adaptation_steps}-step schedule")
+
+
+def _difference(theirs: dict | None, ours: dict | None) -> str:
+    """``name`` or the parameters in which two ``describe()`` records differ, in words."""
+    if theirs is None or ours is None or theirs.get("name") != ours.get("name"):
+        name = lambda d: d.get("name") if d else None  # noqa: E731
+        return f"{name(theirs)} in the checkpoint, {name(ours)} in this run"
+    params = lambda d: d.get("params", d)  # noqa: E731  (a defence's parameters are nested)
+    keys = sorted(params(theirs).keys() | params(ours).keys())
+    return ", ".join(
+        f"{k} {params(theirs).get(k)!r} in the checkpoint, {params(ours).get(k)!r} in this run"
+        for k in keys if params(theirs).get(k) != params(ours).get(k)
+    )
 
 
 # ----------------------------------------------------------------------------- expert pool
