@@ -238,7 +238,7 @@ def plot_asr_vs_accuracy(summary: Mapping[str, Mapping[str, Any]], path: str | P
     axes.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     axes.set_xlabel("average clean accuracy (%)")
     axes.set_ylabel("average attack success rate (%)")
-    axes.set_title("Merging methods: ASR against accuracy (lower right is better)")
+    axes.set_title("ASR against accuracy (lower right is better)", fontsize=10)
     axes.grid(alpha=0.3)
     figure.tight_layout()
     path = Path(path)
