@@ -139,13 +139,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             for method in methods for seed in seeds_of(method, args.seeds)
         ]
         table = run_and_compare(jobs, directory, dry_run=args.dry_run)
-        if table:
-            print(f"## {pool or 'base pool'}\n\n{table}")
+        if args.dry_run:
+            continue
+        print(f"## {pool or 'base pool'}\n\n{table}")
         per_pool[pool] = {
             method: {seed: read_report(directory / method / f"seed{seed}") for seed in seeds_of(method, args.seeds)}
             for method in methods
-        } if not args.dry_run else {}
-    if len(pools) > 1 and not args.dry_run:
+        }
+    if len(per_pool) > 1:
         summary = summarize_pools(per_pool)
         table = pools_table(summary, list(pools))
         write_text(output / "comparison.md", table)
