@@ -19,7 +19,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from safemerge.errors import CheckpointError, SafemergeError
-from safemerge.experts import MINI_PREFIX, resolve_experts
+from safemerge.experts import resolve_experts
 from safemerge.io import read_checkpoint
 from safemerge.modules.resume import SIGTERM_EXIT_STATUS, last_checkpoint
 
@@ -53,13 +53,13 @@ class SafemergeCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         # A merge's expert pool is resolved before the merge module is built: mini-pool
-        # references become directories (fine-tuned on first use), so the module only reads
-        # experts and never builds them.
+        # references become directories (fine-tuned on first use) and paths have their `~` and
+        # environment variables ($SAFEMERGE_EXPERTS) expanded, so the module only reads experts.
         config = self.config[self.subcommand] if self.subcommand else self.config
         init_args = getattr(config.get("model"), "init_args", None)
         experts = init_args.get("experts") if init_args is not None else None
-        if isinstance(experts, list) and any(str(e).startswith(MINI_PREFIX) for e in experts):
-            init_args.experts = resolve_experts(experts)
+        if isinstance(experts, list):
+            init_args.experts = resolve_experts([str(e) for e in experts])
 
     def _check_inputs(self) -> None:
         # Loggers (W&B) start writing as soon as the trainer runs: read every input first.

@@ -230,6 +230,28 @@ def test_bad_defence_inputs_are_one_line_errors_that_write_nothing(args, message
     assert list(tmp_path.iterdir()) == []
 
 
+def test_expert_paths_may_use_environment_variables_and_an_unset_one_is_a_one_line_error(pool, tmp_path, monkeypatch, capsys):
+    """As the paper configs do (``$SAFEMERGE_EXPERTS/gtsrb``): the CLI expands the variables
+    before the module reads the experts; an unset one is named, and nothing is written."""
+    monkeypatch.chdir(tmp_path)
+    parent, names = Path(pool[0]).parent, [Path(p).name for p in pool[:2]]
+    assert all(Path(p).parent == parent for p in pool[:2])
+    experts = "--model.init_args.experts=[" + ",".join(f"$SAFEMERGE_EXPERTS/{n}" for n in names) + "]"
+    monkeypatch.delenv("SAFEMERGE_EXPERTS", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(BASE), *QUIET, experts, f"--model.init_args.output_dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert "an environment variable in it is not set" in err and "$SAFEMERGE_EXPERTS/" in err
+    assert list(tmp_path.iterdir()) == []
+
+    monkeypatch.setenv("SAFEMERGE_EXPERTS", str(parent))
+    main(["fit", "--config", str(BASE), *QUIET, experts, "--trainer.limit_test_batches=1",
+          f"--model.init_args.output_dir={tmp_path / 'out'}"])
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["config"]["experts"] == pool[:2] and list(report["tasks"]) == ["mini_shapes", "mini_terrain"]
+
+
 def _module(pool, method) -> MergeModule:
     return MergeModule(experts=pool, method=method, output_dir=None)
 
