@@ -232,7 +232,7 @@ def test_paper_grid_runs_end_to_end_on_the_mini_pool(tmp_path):
                                "--data.init_args.num_workers=0"]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stderr[-4000:]
-    out = tmp_path / "out" / "MiniCLIP-ViT" / "mini2" / "badnets"
+    out = tmp_path / "out" / "MiniCLIP-ViT" / "mini" / "badnets"  # <model>/<pool>/<attack>
     assert (out / "comparison.md").is_file() and (out / "asr_vs_accuracy.png").is_file()
     assert "dam_task_arithmetic" in (out / "comparison.md").read_text()
     assert sorted(p.name for p in (tmp_path / "experts" / "MiniCLIP-ViT").iterdir()) == sorted(
