@@ -62,9 +62,13 @@ class ResumeCheckpoint(L.Callback):
 
     def save(self, trainer) -> None:
         # Every rank takes part (the checkpoint is dumped everywhere, a barrier follows); only
-        # rank 0 writes, to a temporary file renamed into place.
-        if trainer.is_global_zero:
-            with atomic_path(self.path) as tmp:
-                trainer.save_checkpoint(tmp, weights_only=False)
-        else:
+        # rank 0 writes, to a temporary file renamed into place. This only writes: Lightning's
+        # ``weights_only=False`` here means "with the optimizer states and loop counters", which
+        # resuming needs (MergeModule.on_save_checkpoint keeps them to tensors and plain types).
+        # Reading never unpickles objects: io.read_checkpoint and the CLI's resume load with
+        # torch.load(weights_only=True).
+        if not trainer.is_global_zero:
             trainer.save_checkpoint(self.path, weights_only=False)  # writes nothing off rank 0
+            return
+        with atomic_path(self.path) as tmp:
+            trainer.save_checkpoint(tmp, weights_only=False)
