@@ -135,6 +135,47 @@ def test_defence_arguments_are_checked():
         SAU(attack_steps=0)
     with pytest.raises(ConfigError, match="perturbation_eps"):
         AWM(perturbation_eps=0.0)
+    with pytest.raises(ConfigError, match="pseudo_labels must be one of merged, experts, got 'oracle'"):
+        SAU(pseudo_labels="oracle")
+
+
+def two_task_learner(defense):
+    """Task "a" labels by the signal pixel, task "b" the other way round; each expert is right on
+    its own task, and b's update is twice as large, so their average (task arithmetic, 0.5 each)
+    follows b: the merged model is right on b and wrong on every image of a."""
+    tower = LinearTower()
+    with torch.no_grad():
+        tower.proj.weight.zero_()
+    straight = {"proj.weight": torch.zeros(2, 12)}
+    straight["proj.weight"][0, SIGNAL_0] = straight["proj.weight"][1, SIGNAL_1] = 1.0
+    crossed = {"proj.weight": 2 * straight["proj.weight"].flip(0)}
+    heads = {t: LOGIT_SCALE * torch.eye(2) for t in "ab"}
+    classifier = ImageClassifier(tower, heads, [0.0] * 3, [1.0] * 3)
+    method = TaskArithmetic(scaling_factor=0.5)
+    static = method.merge(tower.state_dict(), [straight, crossed])
+    return MergeLearner(MergedEncoder(tower, [straight, crossed]), classifier, method, ["a", "b"], image_size=2,
+                        defense=defense, static_weights=static)
+
+
+@pytest.mark.parametrize("name", ["AWM", "SAU"])
+def test_expert_pseudo_labels_are_each_tasks_own_experts_predictions_and_feed_the_clean_loss(name):
+    from safemerge import defenses
+
+    images, labels = clean_images(n=16)
+    batch = {"a": images, "b": images}
+    experts = {"a": labels, "b": 1 - labels}  # what each task's own expert predicts, by construction
+    learner = two_task_learner(getattr(defenses, name)(steps=1, pseudo_labels="experts"))
+    for task, expected in learner.expert_pseudo_labels(batch).items():
+        assert torch.equal(expected, experts[task])
+    merged = learner.logits(learner.merged_weights(), batch)
+    assert torch.equal(merged["a"].argmax(-1), 1 - labels)  # the merged model is wrong on a
+    # the first step's clean loss is the merged model's cross-entropy against the experts' labels
+    expected = sum(float(torch.nn.functional.cross_entropy(merged[t], experts[t])) for t in batch)
+    losses = learner.training_step(0, batch, learner.make_optimizers())
+    assert losses["clean_loss"] == pytest.approx(expected, rel=1e-5)
+    merged_labels = two_task_learner(getattr(defenses, name)(steps=1))
+    own = sum(float(torch.nn.functional.cross_entropy(merged[t], merged[t].argmax(-1))) for t in batch)
+    assert merged_labels.training_step(0, batch, merged_labels.make_optimizers())["clean_loss"] == pytest.approx(own, rel=1e-5)
 
 
 def test_attribution_names_the_expert_whose_task_vector_carries_the_trigger_and_caps_it():

@@ -14,8 +14,8 @@ from safemerge.errors import ConfigError
 class AWM(Defense):
     """Adversarial weight masking over the merged update: ``θ_0 + m ⊙ Δ``, ``m ∈ [0, 1]``.
 
-    Per step, on one unlabeled batch per task with pseudo-labels ŷ from the merged model
-    before the defence:
+    Per step, on one unlabeled batch per task with pseudo-labels ŷ (the merged model's clean
+    predictions before the defence, or each task's expert's: ``pseudo_labels``):
 
     1. the universal perturbation δ_t of each task takes one step up ``CE(f(clamp(x + δ_t)), ŷ)``
        against the current masked model (``‖δ_t‖∞ ≤ perturbation_eps``);
@@ -34,6 +34,7 @@ class AWM(Defense):
         clean_weight: weight of the clean pseudo-label cross-entropy.
         adv_weight: weight of the perturbed-input cross-entropy.
         sparsity_weight: weight of the L1 term on ``1 − m``.
+        pseudo_labels: ``merged`` or ``experts`` (:mod:`safemerge.defenses.base`).
     """
 
     name = "awm"
@@ -41,6 +42,7 @@ class AWM(Defense):
     def __init__(
         self, steps: int = 200, mask_lr: float = 1e-2, perturbation_eps: float = 16 / 255, perturbation_lr: float = 1e-2,
         clean_weight: float = 1.0, adv_weight: float = 1.0, sparsity_weight: float = 1e-3,
+        pseudo_labels: str = "merged",
     ) -> None:
         self.steps = steps
         self.mask_lr = mask_lr
@@ -49,7 +51,8 @@ class AWM(Defense):
         self.clean_weight = clean_weight
         self.adv_weight = adv_weight
         self.sparsity_weight = sparsity_weight
-        self._check_steps()
+        self.pseudo_labels = pseudo_labels
+        self._check_options()
         if min(clean_weight, adv_weight, sparsity_weight) < 0:
             raise ConfigError("awm: clean_weight, adv_weight and sparsity_weight must be >= 0")
         check_budget("awm", perturbation_eps)
@@ -70,7 +73,7 @@ class AWM(Defense):
 
     def defense_step(self, learner, step, batch, optimizers, reduce) -> dict[str, float]:
         parts = learner.defense_parts
-        pseudo = learner.pseudo_labels(self.defended_weights(learner, masked=False), batch)
+        pseudo = self.clean_labels(learner, batch)
         with torch.no_grad():
             current = self.defended_weights(learner)
         perturbation_loss = learner.attack_step(parts.trigger, current, batch, pseudo, optimizers["defense_trigger"], reduce)

@@ -6,7 +6,10 @@ learns a mask ``m ∈ [0, 1]`` (one entry per parameter scalar, initialised to 1
 update ``Δ = θ − θ_0``: the defended model is ``θ_0 + m ⊙ Δ``. It owns its step
 (:meth:`MaskedUpdateDefense.step`); the learner only runs it after the method's stages.
 Pseudo-labels are the clean predictions of the merged model *before* the defence (frozen), so
-they do not drift while the mask moves.
+they do not drift while the mask moves (``pseudo_labels: merged``, the DAM authors' adaptation),
+or each task's images labelled by that task's own expert (``pseudo_labels: experts``): still
+label-free, and as accurate on clean images as the experts, where the merged model's own
+predictions carry its merging errors into the clean loss.
 """
 
 from __future__ import annotations
@@ -69,6 +72,9 @@ class MaskedUpdate(nn.Module):
         }
 
 
+PSEUDO_LABELS = ("merged", "experts")
+
+
 class Defense:
     """Base of post-merge defences (chosen by ``class_path`` in ``model.init_args.defense``).
 
@@ -87,9 +93,18 @@ class Defense:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
 
-    def _check_steps(self) -> None:
+    def _check_options(self) -> None:
         if self.steps < 1:
             raise ConfigError(f"{self.name}: steps must be >= 1, got {self.steps}")
+        if self.pseudo_labels not in PSEUDO_LABELS:
+            raise ConfigError(
+                f"{self.name}: pseudo_labels must be one of {', '.join(PSEUDO_LABELS)}, got {self.pseudo_labels!r}")
+
+    def clean_labels(self, learner, batch) -> dict[str, Tensor]:
+        """The pseudo-labels ŷ of a clean batch (see the module's docstring)."""
+        if self.pseudo_labels == "experts":
+            return learner.expert_pseudo_labels(batch)
+        return learner.pseudo_labels(self.defended_weights(learner, masked=False), batch)
 
     def stages(self) -> list[tuple[str, int]]:
         return [("defense", self.steps)]

@@ -21,7 +21,8 @@ def shared_wrong_log_probability(logits: Tensor, reference_logits: Tensor, label
 class SAU(Defense):
     """Shared adversarial unlearning over the merged update: a mask ``m ∈ [0, 1]`` on ``Δ``.
 
-    The reference is the merged model before the defence (frozen); ŷ its clean predictions.
+    The reference is the merged model before the defence (frozen); ŷ its clean predictions (or
+    each task's expert's: ``pseudo_labels``).
     Per step:
 
     1. **shared adversarial examples**: per image, ``attack_steps`` signed-gradient steps
@@ -38,20 +39,22 @@ class SAU(Defense):
         perturbation_eps: ℓ∞ budget of the per-image perturbations, on pixels in [0, 1].
         attack_steps: signed-gradient steps per batch (cost: two forward/backward each).
         adv_weight: weight of the unlearning term.
+        pseudo_labels: ``merged`` or ``experts`` (:mod:`safemerge.defenses.base`).
     """
 
     name = "sau"
 
     def __init__(
         self, steps: int = 200, mask_lr: float = 1e-2, perturbation_eps: float = 16 / 255, attack_steps: int = 2,
-        adv_weight: float = 1.0,
+        adv_weight: float = 1.0, pseudo_labels: str = "merged",
     ) -> None:
         self.steps = steps
         self.mask_lr = mask_lr
         self.perturbation_eps = perturbation_eps
         self.attack_steps = attack_steps
         self.adv_weight = adv_weight
-        self._check_steps()
+        self.pseudo_labels = pseudo_labels
+        self._check_options()
         if attack_steps < 1:
             raise ConfigError(f"sau: attack_steps must be >= 1, got {attack_steps}")
         if adv_weight < 0:
@@ -83,7 +86,7 @@ class SAU(Defense):
     def defense_step(self, learner, step, batch, optimizers, reduce) -> dict[str, float]:
         parts = learner.defense_parts
         reference = self.defended_weights(learner, masked=False)
-        pseudo = learner.pseudo_labels(reference, batch)
+        pseudo = self.clean_labels(learner, batch)
         with torch.no_grad():
             current = self.defended_weights(learner)
         adversarial = self.shared_adversarial(learner, current, reference, batch, pseudo)
