@@ -114,15 +114,17 @@ def _printed_config(capsys, *configs: Path) -> dict:
     return yaml.safe_load(capsys.readouterr().out)
 
 
-def test_the_main_job_is_the_base_composed_with_adamerging_and_awm_on_expert_labels(capsys):
-    """configs/merge.yaml runs on its own; it is the same merge as base + adamerging + awm + expert_labels."""
+def test_the_main_job_is_the_base_composed_with_adamerging_and_sau_on_expert_labels(capsys):
+    """configs/merge.yaml runs on its own; it is the same merge as base + adamerging + sau +
+    expert_labels + one_attack_step."""
     main_job = _printed_config(capsys, REPO / "configs" / "merge.yaml")
-    composed = _printed_config(capsys, BASE, REPO / "configs" / "merge" / "adamerging.yaml", REPO / "configs" / "defense" / "awm.yaml",
-                               REPO / "configs" / "defense" / "expert_labels.yaml")
+    composed = _printed_config(capsys, BASE, REPO / "configs" / "merge" / "adamerging.yaml",
+                               *(REPO / "configs" / "defense" / f"{name}.yaml" for name in ("sau", "expert_labels", "one_attack_step")))
     composed["model"]["init_args"]["output_dir"] = main_job["model"]["init_args"]["output_dir"]
     assert main_job["model"] == composed["model"] and main_job["data"] == composed["data"]
-    assert main_job["model"]["init_args"]["defense"]["class_path"] == "safemerge.defenses.AWM"
+    assert main_job["model"]["init_args"]["defense"]["class_path"] == "safemerge.defenses.SAU"
     assert main_job["model"]["init_args"]["defense"]["init_args"]["pseudo_labels"] == "experts"
+    assert main_job["model"]["init_args"]["defense"]["init_args"]["attack_steps"] == 1
     assert composed["trainer"]["logger"]["init_args"]["name"] == "adamerging"  # the logger's name merged in
 
 
