@@ -406,9 +406,12 @@ def _fit(pool, out: Path, *extra: str, launcher=(sys.executable,), env=None) -> 
 def test_ddp_learns_the_same_coefficients_and_mask_as_a_single_process(pool, tmp_path):
     """Two gloo processes with 2 images per task each learn what one process learns from the
     same 4 images per task: gradients are averaged per phase, mask samples are seeded. The run
-    is DAM over AdaMerging with AWM on top, so a learned defence is covered too."""
-    single = _fit(pool, tmp_path / "single")
-    ddp = _fit(pool, tmp_path / "ddp", "--trainer.strategy=ddp", "--trainer.devices=2")
+    is DAM over AdaMerging with AWM on top, so a learned defence is covered too, with expert
+    pseudo-labels (each rank labels its own images; the slow torchrun test covers the merged
+    model's labels)."""
+    expert_labels = ("--config", str(REPO / "configs" / "defense" / "expert_labels.yaml"))
+    single = _fit(pool, tmp_path / "single", *expert_labels)
+    ddp = _fit(pool, tmp_path / "ddp", "--trainer.strategy=ddp", "--trainer.devices=2", *expert_labels)
     assert single.keys() == ddp.keys()
     learned = ["coefficients", "mask.logits.0", "perturbation.deltas.0", "defense_parts.masked_update.mask.0",
                "defense_parts.trigger.deltas.0"]
@@ -427,7 +430,7 @@ def test_ddp_learns_the_same_coefficients_and_mask_as_a_single_process(pool, tmp
     assert not torch.equal(single["coefficients"], torch.full_like(single["coefficients"], 0.3))
     report = json.loads((tmp_path / "ddp" / "report.json").read_text())
     assert report["config"]["world_size"] == 2
-    assert report["defense"]["name"] == "awm"
+    assert report["defense"]["name"] == "awm" and report["defense"]["params"]["pseudo_labels"] == "experts"
 
 
 @pytest.mark.slow  # two merges, one through torchrun: about 2 min on 2 cores
