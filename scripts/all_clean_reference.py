@@ -55,20 +55,19 @@ def clean_twin(reference: str) -> str:
     return ":".join(reference.split(":")[:2])
 
 
-def reference_for(name: str, lambdas: list[float]) -> dict:
+def reference_for(name: str, lambdas: list[float], clip, base) -> dict:
+    """The pool's triggers on the task-arithmetic merge of its clean twins, at each λ."""
     references = pool_experts(name)
     pool = [read_expert(resolve_expert(r)) for r in references]
     clean = [read_expert(resolve_expert(clean_twin(r))) for r in references]
+    backdoored = [(r, e) for r, e in zip(references, pool) if e.backdoor]
     backdoors = [Backdoor(Trigger.from_tensors(e.trigger), e.backdoor.get("target_task") or e.task,
-                          int(e.backdoor["target_class"]))
-                 for e in pool if e.backdoor]
+                          int(e.backdoor["target_class"])) for _, e in backdoored]
     tasks = [get_task(e.task) for e in pool]
-    clip = load_clip(MINI_MODEL, MINI_WEIGHTS)
-    base = {k: v.clone() for k, v in clip.visual.state_dict().items()}
     classifier = classifier_for(clip, tasks)
     result = {"experts": references, "clean_experts": [clean_twin(r) for r in references],
               "backdoors": [{"expert": r, "target_task": b.target_task, "target_class": b.target_class}
-                            for r, b in zip([r for r, e in zip(references, pool) if e.backdoor], backdoors)],
+                            for (r, _), b in zip(backdoored, backdoors)],
               "task_arithmetic": {}}
     for lam in lambdas:
         per_task, per_backdoor = evaluate_backdoors(
@@ -104,7 +103,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     for name in args.pools:
         pool_experts(name)  # every name checked before anything is fine-tuned
-    results = {name: reference_for(name, args.lambdas) for name in args.pools}
+    clip = load_clip(MINI_MODEL, MINI_WEIGHTS)
+    base = {k: v.clone() for k, v in clip.visual.state_dict().items()}  # each merge is loaded into the tower
+    results = {name: reference_for(name, args.lambdas, clip, base) for name in args.pools}
     write_json(Path(args.output), results)
     print(table(results))
 

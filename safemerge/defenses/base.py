@@ -100,11 +100,12 @@ class Defense:
             raise ConfigError(
                 f"{self.name}: pseudo_labels must be one of {', '.join(PSEUDO_LABELS)}, got {self.pseudo_labels!r}")
 
-    def clean_labels(self, learner, batch) -> dict[str, Tensor]:
-        """The pseudo-labels ŷ of a clean batch (see the module's docstring)."""
+    def clean_labels(self, learner, batch, merged: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """The pseudo-labels ŷ of a clean batch (see the module's docstring); ``merged``: the
+        pre-defence weights, if the caller has them already."""
         if self.pseudo_labels == "experts":
             return learner.expert_pseudo_labels(batch)
-        return learner.pseudo_labels(self.defended_weights(learner, masked=False), batch)
+        return learner.pseudo_labels(merged if merged is not None else self.defended_weights(learner, masked=False), batch)
 
     def stages(self) -> list[tuple[str, int]]:
         return [("defense", self.steps)]

@@ -86,7 +86,7 @@ class SAU(Defense):
     def defense_step(self, learner, step, batch, optimizers, reduce) -> dict[str, float]:
         parts = learner.defense_parts
         reference = self.defended_weights(learner, masked=False)
-        pseudo = self.clean_labels(learner, batch)
+        pseudo = self.clean_labels(learner, batch, reference)
         with torch.no_grad():
             current = self.defended_weights(learner)
         adversarial = self.shared_adversarial(learner, current, reference, batch, pseudo)
