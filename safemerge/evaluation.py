@@ -1,6 +1,6 @@
 """The one evaluation path of ACC and ASR: views, metrics, and a loop for scripts.
 
-A merge is evaluated on *views* (:func:`~safemerge.data.merge.evaluation_views`): the clean split of every task (in task order), then, per
+A merge is evaluated on *views* (:func:`~safemerge.data.datamodule.evaluation_views`): the clean split of every task (in task order), then, per
 backdoor, its target task's split with the trigger stamped on every image (true labels kept).
 :class:`Evaluation` holds the metrics of one pass over those views (per task accuracy and
 top-class share, per backdoor ASR) and turns them into per-task results.
@@ -11,28 +11,20 @@ by :class:`~safemerge.data.MergeDataModule`), :func:`evaluate` from a plain loop
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from safemerge.attacks import Trigger
-from safemerge.data.merge import evaluation_views
+from safemerge.data.datamodule import evaluation_views
 from safemerge.data.registry import Split, Task
-from safemerge.metrics import AttackSuccessRate, PredictionShare, task_accuracy
+from safemerge.metrics import AttackSuccessRate, Backdoor, PredictionShare, task_accuracy
 from safemerge.models import CLIPModel, ImageClassifier, cached_task_heads
 from safemerge.report import mean_known
 
 
-@dataclass(frozen=True)
-class Backdoor:
-    """A backdoor to measure: its trigger, the task its target class belongs to, the class."""
-
-    trigger: Trigger
-    target_task: str
-    target_class: int
+__all__ = ["Backdoor", "Evaluation", "classifier_for", "evaluate", "evaluate_backdoors"]
 
 
 def classifier_for(clip: CLIPModel, tasks: Sequence[Task]) -> ImageClassifier:

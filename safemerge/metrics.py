@@ -5,10 +5,25 @@ Sum states make every metric exact under DDP: each rank counts, the counts are s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
+
+if TYPE_CHECKING:
+    from safemerge.attacks import Trigger
+
+
+@dataclass(frozen=True)
+class Backdoor:
+    """A backdoor to measure: its trigger, the task its target class belongs to, the class."""
+
+    trigger: Trigger
+    target_task: str
+    target_class: int
 
 
 def _labels(preds: Tensor) -> Tensor:
@@ -16,15 +31,11 @@ def _labels(preds: Tensor) -> Tensor:
 
 
 def attack_success_rate(preds: Tensor, target: Tensor, target_class: int) -> Tensor:
-    """Functional :class:`AttackSuccessRate`: ``#{i: y_i != c, ŷ_i = c} / #{i: y_i != c}``.
-
-    ``preds`` are logits ``[N, C]`` or predicted labels ``[N]`` for *triggered* images,
-    ``target`` their true labels. NaN when every sample belongs to the target class.
-    """
-    preds, target = _labels(preds), target
-    eligible = target != target_class
-    hits = (preds[eligible] == target_class).sum()
-    return hits.float() / eligible.sum().float() if eligible.any() else torch.tensor(float("nan"))
+    """Functional :class:`AttackSuccessRate` (its formula, on one batch): NaN when every sample
+    belongs to the target class."""
+    metric = AttackSuccessRate(target_class).to(target.device)
+    metric.update(preds, target)
+    return metric.compute()
 
 
 class AttackSuccessRate(Metric):

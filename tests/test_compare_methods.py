@@ -1,13 +1,11 @@
-"""scripts/compare_methods.py: methods × options × pools × seeds, as trainer.py commands."""
+"""scripts/compare_methods.py (safemerge.protocol.runs): methods × options × pools × seeds, as trainer.py commands."""
 
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import compare_methods  # noqa: E402
+from safemerge.protocol import runs as compare_methods
 
 
 def _commands(capsys, *argv):

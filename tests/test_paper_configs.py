@@ -16,11 +16,10 @@ import torch
 import yaml
 
 from safemerge.cli import main
+from safemerge.protocol import grid as paper_grid  # scripts/paper_grid.py is its entry point
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = REPO / "configs" / "paper"
-sys.path.insert(0, str(REPO / "scripts"))
-import paper_grid  # noqa: E402
 
 MODELS = sorted(p.stem for p in (PAPER / "models").glob("*.yaml"))
 ATTACKS = [None, *sorted(p.stem for p in (PAPER / "attacks").glob("*.yaml"))]

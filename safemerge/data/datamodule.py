@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Sequence
 
 import lightning as L
 import torch
@@ -13,6 +13,17 @@ from torch.utils.data import DataLoader, Dataset
 from safemerge.attacks import Attack, PoisonedDataset, Trigger, TriggeredDataset, poison_indices
 from safemerge.data.registry import Split, Task, get_task
 from safemerge.errors import DatasetNotFoundError
+from safemerge.metrics import Backdoor
+
+
+def evaluation_views(tasks: Sequence[Task], backdoors: Sequence[Backdoor], split_of: Callable[[Task], Dataset]) -> list[Dataset]:
+    """The clean split of every task (in order), then, per backdoor, its target task's split with
+    the trigger on every image, true labels kept. The one definition of what ACC and ASR are
+    measured on (:mod:`safemerge.evaluation`), for an expert and for a merge."""
+    by_name = {t.name: t for t in tasks}
+    clean = [split_of(t) for t in tasks]
+    return clean + [TriggeredDataset(split_of(by_name.get(b.target_task) or get_task(b.target_task)), b.trigger)
+                    for b in backdoors]
 
 
 def build_split(task: Task, split: Split, *, root: str | None, image_size: int, download: bool, seed: int) -> Dataset:
@@ -119,11 +130,15 @@ class TaskDataModule(L.LightningDataModule):
 
     def eval_sets(self, split: Split) -> list[Dataset]:
         """The clean split of the task and, under attack, the backdoored view of the target task's."""
-        views = [self.split(split)]
-        if self.attack is not None:
-            views.append(TriggeredDataset(self.split(split, self.target_task), self.trigger))
+        views = evaluation_views([self.task], self.backdoors(), lambda task: self.split(split, task))
         self._views[split] = views
         return views
+
+    def backdoors(self) -> list[Backdoor]:
+        """The backdoor this datamodule plants (none for a clean expert), as it is measured."""
+        if self.attack is None:
+            return []
+        return [Backdoor(self.trigger, self.target_task.name, self.attack.target_class)]
 
     def set_trigger(self, trigger: Trigger) -> None:
         """Replace the trigger (after optimization) in every poisoned or triggered view."""

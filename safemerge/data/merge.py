@@ -3,26 +3,16 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Callable, Iterator, Sequence
+from typing import Iterator
 
 import lightning as L
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, get_worker_info
 
-from safemerge.attacks import TriggeredDataset
-from safemerge.data.datamodule import build_split
+from safemerge.data.datamodule import build_split, evaluation_views
 from safemerge.data.registry import SPLITS, Split, Task, get_task
 from safemerge.errors import ConfigError
-
-
-def evaluation_views(tasks: Sequence[Task], backdoors: Sequence, split_of: Callable[[Task], Dataset]) -> list[Dataset]:
-    """The clean split of every task (in order), then, per backdoor (``target_task``,
-    ``trigger``), its target task's split with the trigger on every image, true labels kept.
-    The one definition of what ACC and ASR are measured on (:mod:`safemerge.evaluation`)."""
-    by_name = {t.name: t for t in tasks}
-    clean = [split_of(t) for t in tasks]
-    return clean + [TriggeredDataset(split_of(by_name[b.target_task]), b.trigger) for b in backdoors]
 
 
 class AdaptationStream(IterableDataset):

@@ -15,8 +15,7 @@ from safemerge.errors import ConfigError
 from safemerge.data.datamodule import TaskDataModule
 from safemerge.modules.schedule import warmup_cosine
 from safemerge.io import Expert, expert_info, write_expert
-from safemerge.metrics import AttackSuccessRate, task_accuracy
-from safemerge.evaluation import classifier_for
+from safemerge.evaluation import Evaluation, classifier_for
 from safemerge.models import ImageClassifier, load_clip
 
 
@@ -90,12 +89,10 @@ class FinetuneModule(L.LightningModule):
         self.clip.model = None  # the text tower's job ends with the heads; free it
         if self.attack is not None and self.attack.feature_interpolation:
             self.pretrained_tower = copy.deepcopy(tower).requires_grad_(False).eval()
-        self.val_acc, self.test_acc = task_accuracy(dm.task.num_classes), task_accuracy(dm.task.num_classes)
-        if self.attack is not None:
-            self.val_asr = AttackSuccessRate(self.attack.target_class)
-            self.test_asr = AttackSuccessRate(self.attack.target_class)
-            if self.attack.needs_optimization:  # once: set-up returns early after the first call
-                dm.set_trigger(self._optimize_trigger(dm))
+        # ACC and ASR as a merge measures them: the datamodule serves the same views
+        self.evaluation = nn.ModuleDict({stage: Evaluation([dm.task], dm.backdoors()) for stage in ("val", "test")})
+        if self.attack is not None and self.attack.needs_optimization:  # once: set-up returns early after the first call
+            dm.set_trigger(self._optimize_trigger(dm))
 
     def _optimize_trigger(self, dm: TaskDataModule) -> Trigger:
         """Fit the trigger's pixels on the *pretrained* model towards the target class."""
@@ -149,34 +146,31 @@ class FinetuneModule(L.LightningModule):
 
     # ------------------------------------------------------------------ evaluation
 
-    def _eval_step(self, batch: tuple[Tensor, Tensor], dataloader_idx: int, acc, asr) -> None:
+    def _eval_step(self, batch: tuple[Tensor, Tensor], view: int, stage: str) -> None:
         images, labels = batch
-        dm = self.datamodule
-        if dataloader_idx == 0:
-            acc.update(self.classifier(images, dm.task.name), labels)
-        else:
-            asr.update(self.classifier(images, dm.target_task.name), labels)
+        evaluation = self.evaluation[stage]
+        evaluation.update(view, self.classifier(images, evaluation.head(view)), labels)
 
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, dataloader_idx, self.val_acc, getattr(self, "val_asr", None))
+        self._eval_step(batch, dataloader_idx, "val")
 
     def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, dataloader_idx, self.test_acc, getattr(self, "test_asr", None))
+        self._eval_step(batch, dataloader_idx, "test")
 
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         """Predicted labels of the task's clean test images (and their true labels)."""
         images, labels = batch
         return {"preds": self.classifier(images, self.datamodule.task.name).argmax(-1), "labels": labels}
 
-    def _epoch_metrics(self, stage: str) -> dict[str, float]:
-        metrics = {"acc": getattr(self, f"{stage}_acc")}
+    def _epoch_metrics(self, stage: str) -> dict[str, float | None]:
+        """``acc`` of the task and, under attack, ``asr`` of its backdoor (synced across ranks:
+        sum states); logged as ``<stage>/acc``, ``<stage>/asr``."""
+        per_task, per_backdoor = self.evaluation[stage].compute()
+        values = {"acc": per_task[self.datamodule.task.name]["accuracy"]}
         if self.attack is not None:
-            metrics["asr"] = getattr(self, f"{stage}_asr")
-        values = {}
-        for name, metric in metrics.items():
-            values[name] = float(metric.compute())  # synced across ranks (sum states)
-            metric.reset()
-            self.log(f"{stage}/{name}", values[name], rank_zero_only=True)
+            values["asr"] = per_backdoor[0]["asr"]
+        for name, value in values.items():
+            self.log(f"{stage}/{name}", float("nan") if value is None else value, rank_zero_only=True)
         return values
 
     def on_validation_epoch_end(self) -> None:
