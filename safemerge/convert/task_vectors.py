@@ -101,8 +101,9 @@ class _Unpickler(pickle._Unpickler):  # the Python implementation, whose opcodes
         self.source, self.storages = source, storages
         self.stand_ins: dict[str, type] = {}
         self.callables: dict[int, Any] = {}  # id -> object: what REDUCE / NEWOBJ may call
+        self.load_from_bytes = self._load_from_bytes  # one bound method, so its identity is stable
         for value in (OrderedDict, set, frozenset, torch.device, _rebuild_tensor, _rebuild_parameter,
-                      _rebuild_parameter_with_state, self._load_from_bytes):
+                      _rebuild_parameter_with_state, self.load_from_bytes):
             self.callables[id(value)] = value
         self.dispatch = dict(pickle._Unpickler.dispatch)
         for opcode, handler in ((pickle.REDUCE, _Unpickler._reduce), (pickle.BUILD, _Unpickler._build),
@@ -117,6 +118,7 @@ class _Unpickler(pickle._Unpickler):  # the Python implementation, whose opcodes
         )
 
     def find_class(self, module: str, name: str) -> Any:
+        module = {"__builtin__": "builtins"}.get(module, module)  # protocol 2 writes Python 2's name
         if name in _STAND_INS.get(module, ()):
             qualified = f"{module}.{name}"
             if qualified not in self.stand_ins:
@@ -128,7 +130,7 @@ class _Unpickler(pickle._Unpickler):  # the Python implementation, whose opcodes
             ("torch", "device"): torch.device, ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
             ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
             ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter_with_state,
-            ("torch.storage", "_load_from_bytes"): self._load_from_bytes,
+            ("torch.storage", "_load_from_bytes"): self.load_from_bytes,
         }
         if (module, name) in allowed:
             return allowed[(module, name)]
@@ -139,8 +141,11 @@ class _Unpickler(pickle._Unpickler):  # the Python implementation, whose opcodes
         self.refuse(f"the global {module}.{name}")
 
     def persistent_load(self, pid: Any) -> Any:
-        if isinstance(pid, tuple) and pid and pid[0] == "module":  # legacy torch.save records module sources
-            return None
+        if isinstance(pid, tuple) and len(pid) == 4 and pid[0] == "module":
+            # legacy torch.save stores each module class as ('module', class, file, source): the class is the object
+            if isinstance(pid[1], type) and issubclass(pid[1], StandIn):
+                return pid[1]
+            self.refuse(f"the module class {str(pid[1])[:80]}")
         if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
             self.refuse(f"the persistent object {str(pid)[:80]}")
         return self.storages.get(pid)
