@@ -16,37 +16,6 @@ from pathlib import Path
 from safemerge.errors import SafemergeError
 
 
-def _task_vectors(args) -> Path:
-    from safemerge.convert.task_vectors import classification_head, image_tower, load
-    from safemerge.data.registry import get_task
-    from safemerge.io import Expert, check_weights, expert_info, write_expert
-    from safemerge.models.loading import load_clip
-    from safemerge.errors import CheckpointError
-
-    task = get_task(args.task)
-    source = Path(args.src)
-    encoder, activation = image_tower(load(source), str(source))
-    head = classification_head(load(Path(args.head)), args.head) if args.head else None
-    pretrained = str(Path(args.pretrained).resolve()) if Path(args.pretrained).is_file() else args.pretrained
-    base = load_clip(args.model, pretrained)
-    gelu = type(base.visual.transformer.resblocks[0].mlp.gelu).__name__
-    ours = "quick_gelu" if gelu == "QuickGELU" else "gelu"
-    if activation is not None and activation != ours:
-        raise CheckpointError(
-            f"{source}'s tower uses {activation} but --model {args.model} builds {ours}: "
-            f"choose the architecture it was trained with (e.g. {args.model.removesuffix('-quickgelu')}-quickgelu for OpenAI's weights)"
-        )
-    check_weights(encoder, base.visual.state_dict(), f"{source} (as --model {args.model})")
-    if head is not None:
-        if head.shape[0] != task.num_classes:
-            raise CheckpointError(f"{args.head} has {head.shape[0]} classes but task {task.name} has {task.num_classes}")
-        if head.shape[1] != base.visual.output_dim:
-            raise CheckpointError(f"{args.head} has width {head.shape[1]} but --model {args.model} embeds into {base.visual.output_dim}")
-    info = expert_info(model=args.model, pretrained=pretrained, task=task.name, num_classes=task.num_classes,
-                       backdoor=None, metrics={"accuracy": None, "asr": None}, image_size=base.image_size)
-    return write_expert(args.out, Expert(encoder=encoder, info=info, head=head))
-
-
 def _run(args) -> Path:
     out = Path(args.out)
     if args.command == "hf-base":
@@ -58,7 +27,10 @@ def _run(args) -> Path:
 
         return convert_expert(args.src, out, Path(args.base), args.task)
     if args.command == "task-vectors":
-        return _task_vectors(args)
+        from safemerge.convert.task_vectors import convert_task_vectors
+
+        return convert_task_vectors(Path(args.src), out, args.task, args.model, args.pretrained,
+                                    Path(args.head) if args.head else None)
     from safemerge.convert.export import export
 
     return export(Path(args.src), out, full=args.full)

@@ -309,7 +309,12 @@ def convert_expert(source: str, out: Path, base: Path, task: str) -> Path:
     from safemerge.data.registry import get_task
     from safemerge.io import Expert, check_weights, expert_info, write_expert
 
-    known = get_task(task)  # an unknown task fails before anything is read
+    from safemerge.errors import UnknownTaskError
+
+    try:
+        known = get_task(task)  # an unknown task fails before anything is read
+    except UnknownTaskError as err:
+        raise UnknownTaskError(f"--task for {source}: {err}") from None
     model_cfg = base_config(base)
     directory = resolve_source(source)
     config, hf = read_hf(directory, ("clip_vision_model",))

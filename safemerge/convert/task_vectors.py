@@ -375,3 +375,39 @@ def classification_head(obj: Any, source: str) -> Tensor:
     if bias is not None and bool(bias.abs().max() > 0):
         raise CheckpointError(f"{source}: the head has a non-zero bias, which safemerge's heads do not have")
     return weight.clone().float()
+
+
+# ----------------------------------------------------------------------------- the conversion
+
+
+def convert_task_vectors(source: Path, out: Path, task: str, model: str, pretrained: str, head: Path | None = None) -> Path:
+    """``task-vectors``: ``finetuned.pt`` (and ``head_<task>.pt``) -> a safemerge expert directory against
+    the open_clip ``model`` / ``pretrained`` base; everything is read and checked before anything is written."""
+    from safemerge.data.registry import get_task
+    from safemerge.errors import UnknownTaskError
+    from safemerge.io import Expert, check_weights, expert_info, write_expert
+    from safemerge.models.loading import load_clip
+
+    try:
+        known = get_task(task)
+    except UnknownTaskError as err:
+        raise UnknownTaskError(f"--task for {source}: {err}") from None
+    encoder, activation = image_tower(load(source), str(source))
+    head_tensor = classification_head(load(head), str(head)) if head is not None else None
+    pretrained = str(Path(pretrained).resolve()) if Path(pretrained).is_file() else pretrained
+    base = load_clip(model, pretrained)
+    ours = "quick_gelu" if type(base.visual.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU" else "gelu"
+    if activation is not None and activation != ours:
+        raise CheckpointError(
+            f"{source}'s tower uses {activation} but --model {model} builds {ours}: give the architecture it was "
+            f"trained with (e.g. {model.removesuffix('-quickgelu')}-quickgelu for OpenAI's weights)"
+        )
+    check_weights(encoder, base.visual.state_dict(), f"{source} (as --model {model})")
+    if head_tensor is not None:
+        if head_tensor.shape[0] != known.num_classes:
+            raise CheckpointError(f"{head} has {head_tensor.shape[0]} classes but task {known.name} has {known.num_classes}")
+        if head_tensor.shape[1] != base.visual.output_dim:
+            raise CheckpointError(f"{head} has width {head_tensor.shape[1]} but --model {model} embeds into {base.visual.output_dim}")
+    info = expert_info(model=model, pretrained=pretrained, task=known.name, num_classes=known.num_classes,
+                       backdoor=None, metrics={"accuracy": None, "asr": None}, image_size=base.image_size)
+    return write_expert(out, Expert(encoder=encoder, info=info, head=head_tensor))
