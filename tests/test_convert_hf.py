@@ -102,7 +102,7 @@ def test_converted_base_gives_transformers_image_and_text_features(hf_pool):
 
 
 def test_hf_experts_merged_by_task_arithmetic_export_as_the_task_arithmetic_of_the_hf_weights(hf_pool):
-    tmp, model, experts, layout = hf_pool
+    tmp, model, experts, _ = hf_pool
     directories = []
     for task, source, _ in experts:
         assert main(["hf-expert", str(source), str(tmp / task), "--base", str(tmp / "base"), "--task", task]) == 0

@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -307,9 +308,8 @@ def convert_expert(source: str, out: Path, base: Path, task: str) -> Path:
     The expert has no projection (transformers' vision model has none): ``proj`` is the base's.
     """
     from safemerge.data.registry import get_task
-    from safemerge.io import Expert, check_weights, expert_info, write_expert
-
     from safemerge.errors import UnknownTaskError
+    from safemerge.io import Expert, check_weights, expert_info, write_expert
 
     try:
         known = get_task(task)  # an unknown task fails before anything is read

@@ -96,7 +96,7 @@ def _qualname(obj: Any) -> str:
 class _Unpickler(pickle._Unpickler):  # the Python implementation, whose opcodes can be overridden one by one
     """Resolves globals only through the allowlist; calls only what it resolved itself."""
 
-    def __init__(self, file: BinaryIO, source: str, storages: "_Storages") -> None:
+    def __init__(self, file: BinaryIO, source: str, storages: _Storages) -> None:
         super().__init__(file)
         self.source, self.storages = source, storages
         self.stand_ins: dict[str, type] = {}
