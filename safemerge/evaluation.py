@@ -27,9 +27,10 @@ from safemerge.report import mean_known
 __all__ = ["Backdoor", "Evaluation", "classifier_for", "evaluate", "evaluate_backdoors"]
 
 
-def classifier_for(clip: CLIPModel, tasks: Sequence[Task]) -> ImageClassifier:
-    """The classifier of ``clip``'s image tower with a zero-shot head per task."""
-    return ImageClassifier(clip.visual, cached_task_heads(clip, tasks), clip.mean, clip.std).eval()
+def classifier_for(clip: CLIPModel, tasks: Sequence[Task], heads: Mapping[str, Tensor] | None = None) -> ImageClassifier:
+    """The classifier of ``clip``'s image tower with a zero-shot head per task (``heads``: the
+    tasks whose experts bring their own)."""
+    return ImageClassifier(clip.visual, cached_task_heads(clip, tasks, heads), clip.mean, clip.std).eval()
 
 
 def _value(metric) -> float | None:

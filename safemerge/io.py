@@ -32,6 +32,7 @@ EXPERT_FORMAT = "safemerge-expert/1"
 ENCODER_FILE = "encoder.safetensors"
 EXPERT_FILE = "expert.json"
 TRIGGER_FILE = "trigger.safetensors"
+HEAD_FILE = "head.safetensors"  # optional: the task's own classification head (e.g. a converted task_vectors head)
 
 
 # ----------------------------------------------------------------------------- atomic writes
@@ -57,6 +58,26 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; it replaces ``path`` only once the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old.{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -193,11 +214,14 @@ def read_json(path: str | os.PathLike) -> Any:
 
 @dataclass
 class Expert:
-    """An expert directory in memory: the image tower's weights, its description, a trigger."""
+    """An expert directory in memory: the image tower's weights, its description, a trigger,
+    and optionally the task's own head (``[num_classes, embed_dim]``, logit scale included, as
+    :func:`safemerge.models.heads.zero_shot_head` makes them), used instead of the zero-shot one."""
 
     encoder: StateDict
     info: dict[str, Any]
     trigger: StateDict | None = None
+    head: torch.Tensor | None = None
 
     @property
     def task(self) -> str:
@@ -244,6 +268,8 @@ def write_expert(directory: str | os.PathLike, expert: Expert) -> Path:
         save_tensors(tmp / ENCODER_FILE, expert.encoder)
         if expert.trigger is not None:
             save_tensors(tmp / TRIGGER_FILE, expert.trigger)
+        if expert.head is not None:
+            save_tensors(tmp / HEAD_FILE, {"head": expert.head})
         write_json(tmp / EXPERT_FILE, expert.info)  # last: its presence marks a complete write
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old.{os.getpid()}")
@@ -273,7 +299,20 @@ def read_expert(directory: str | os.PathLike) -> Expert:
     encoder = load_tensors(directory / ENCODER_FILE)
     trigger_path = directory / TRIGGER_FILE
     trigger = load_tensors(trigger_path) if trigger_path.is_file() else None
-    return Expert(encoder=encoder, info=info, trigger=trigger)
+    head = _read_head(directory / HEAD_FILE, info["num_classes"]) if (directory / HEAD_FILE).is_file() else None
+    return Expert(encoder=encoder, info=info, trigger=trigger, head=head)
+
+
+def _read_head(path: Path, num_classes: int) -> torch.Tensor:
+    tensors = load_tensors(path)
+    head = tensors.get("head")
+    if set(tensors) != {"head"} or head.ndim != 2 or not head.is_floating_point():
+        raise CheckpointError(f"{path} must hold one float tensor 'head' of shape [num_classes, embed_dim]")
+    if head.shape[0] != num_classes:
+        raise CheckpointError(f"{path} has {head.shape[0]} rows but the expert has num_classes {num_classes}")
+    if not bool(torch.isfinite(head).all()):
+        raise CheckpointError(f"{path} has non-finite values (NaN or inf)")
+    return head
 
 
 def _check_info(info: Any, path: Path) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from safemerge.errors import CheckpointError, SafemergeError, UnsafeCheckpointError
+from safemerge.errors import CheckpointError, SafemergeError, UnknownTaskError, UnsafeCheckpointError
 from safemerge.io import Expert, expert_info, load_tensors, read_expert, save_tensors, write_expert
 from safemerge.merging import TaskArithmetic
 from safemerge.models import load_clip
@@ -149,11 +149,131 @@ def _merge_pool(directory: Path):
     return MergeModule(experts=[str(directory)], method=TaskArithmetic(), output_dir=None)
 
 
+# ----------------------------------------------------------------------------- the converter's inputs
+# (python -m safemerge.convert: every refusal is one line, and the output "converted" is never written)
+
+
+def _converted(path: Path) -> Path:
+    return path.parent / "converted"
+
+
+def _hf_clip(**vision):
+    from transformers import CLIPConfig
+
+    return CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+        vision_config={**dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=8), **vision},
+        projection_dim=16,
+    )
+
+
+_HF_BASE: list[Path] = []
+
+
+def _hf_base() -> Path:
+    """One converted base for the table's hf-expert rows (made once)."""
+    if not _HF_BASE:
+        import tempfile
+
+        from transformers import CLIPModel
+
+        from safemerge.convert.hf import convert_base
+
+        tmp = Path(tempfile.mkdtemp(prefix="hostile-hf-base-"))
+        CLIPModel(_hf_clip()).save_pretrained(tmp / "hf")
+        _HF_BASE.append(convert_base(str(tmp / "hf"), tmp / "base"))
+    return _HF_BASE[0]
+
+
+def _hf_expert(**vision):
+    def build(tmp: Path, clip_state) -> Path:
+        from transformers import CLIPVisionModel
+
+        CLIPVisionModel(_hf_clip(**vision).vision_config).save_pretrained(tmp / "hf_expert")
+        return tmp / "hf_expert"
+    return build
+
+
+def _not_clip(tmp: Path, clip_state) -> Path:
+    (tmp / "bert").mkdir()
+    (tmp / "bert" / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 32}))
+    save_tensors(tmp / "bert" / "model.safetensors", {"embeddings.word_embeddings.weight": torch.ones(4, 32)})
+    return tmp / "bert"
+
+
+def _task_vectors_head(rows: int):
+    """A task_vectors ClassificationHead pickle (its class exists only while it is written)."""
+    import sys
+    import types
+
+    def build(tmp: Path, clip_state) -> Path:
+        class ClassificationHead(torch.nn.Linear):
+            pass
+
+        ClassificationHead.__module__, ClassificationHead.__qualname__ = "src.modeling", "ClassificationHead"
+        sys.modules["src"], sys.modules["src.modeling"] = types.ModuleType("src"), types.ModuleType("src.modeling")
+        module = sys.modules["src.modeling"]
+        module.ClassificationHead = ClassificationHead
+        try:
+            head = ClassificationHead(clip_state["visual.proj"].shape[1], rows)
+            head.normalize = True
+            torch.nn.init.zeros_(head.bias)
+            torch.save(head, tmp / "head_digits.pt")
+        finally:
+            del sys.modules["src.modeling"], sys.modules["src"]
+        return tmp / "head_digits.pt"
+    return build
+
+
+def _finetuned(tmp: Path, clip_state) -> Path:
+    """finetuned.pt as a plain state dict of ImageEncoder names (the tower only), and its base's weights."""
+    save_tensors(tmp / "base.safetensors", clip_state)
+    torch.save({f"model.{k}": v for k, v in clip_state.items() if k.startswith("visual.")}, tmp / "finetuned.pt")
+    return tmp / "finetuned.pt"
+
+
+def _truncated(save):
+    def build(tmp: Path, clip_state) -> Path:
+        path = _finetuned(tmp, clip_state)
+        if save == "legacy":
+            torch.save(torch.load(path, weights_only=True), path, _use_new_zipfile_serialization=False)
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) * 2 // 3])
+        return path
+    return build
+
+
+def _task_vectors(path: Path, head: Path | None = None, task: str = "digits"):
+    from safemerge.convert.task_vectors import convert_task_vectors
+
+    base = path.parent / "base.safetensors"  # the tiny CLIP's weights, written by the row's builder
+    return convert_task_vectors(path, _converted(path), task, MODEL, str(base), head)
+
+
+def _hf_expert_reader(path: Path, task: str = "mnist"):
+    from safemerge.convert.hf import convert_expert
+
+    return convert_expert(str(path), _converted(path), _hf_base(), task)
+
+
+def _with_head(tmp_path_builder):
+    def build(tmp: Path, clip_state) -> Path:
+        _finetuned(tmp, clip_state)
+        return tmp_path_builder(tmp, clip_state)
+    return build
+
+
 READERS = {
     "load_tensors": load_tensors,
     "read_expert": read_expert,
     "load_clip": lambda path: load_clip(MODEL, str(path)),
     "merge pool": _merge_pool,  # MergeModule's check of every expert against the base
+    "convert hf-base": lambda path: __import__("safemerge.convert.hf").convert.hf.convert_base(str(path), _converted(path)),
+    "convert hf-expert": _hf_expert_reader,
+    "convert hf-expert, unknown task": lambda path: _hf_expert_reader(path, task="no_such_task"),
+    "convert task-vectors": _task_vectors,
+    "convert task-vectors --head": lambda head: _task_vectors(head.parent / "finetuned.pt", head),
 }
 
 ROWS = {
@@ -191,10 +311,31 @@ ROWS = {
     "expert.json extra field": (lambda t, s: _expert(t, s, info=_info(lambda d: d.update(run_this="rm -rf"))), "read_expert", CheckpointError, "unknown fields \\['run_this'\\]"),
     "expert.json num_classes a bool": (lambda t, s: _expert(t, s, info=_info(lambda d: d.update(num_classes=True))), "read_expert", CheckpointError, "no valid 'num_classes' field \\(expected int; got True\\)"),
     "expert.json backdoor without target class": (lambda t, s: _expert(t, s, info=_info(lambda d: d.update(backdoor={"attack": "badnets"}))), "read_expert", CheckpointError, "no valid backdoor.'target_class' field"),
-    # --- allowed: symlinks (hub caches)
-    "symlinked expert files (hub cache layout) load": (_symlinked_expert, "read_expert", None, None),
-    "symlinked pretrained weights load": (_symlinked_weights, "load_clip", None, None),
+    # --- the converter (python -m safemerge.convert)
+    "directory that is not CLIP (hf-base)": (_not_clip, "convert hf-base", CheckpointError, "describes a 'bert' model, not CLIP"),
+    "HF expert of another width than the base": (_hf_expert(hidden_size=48, intermediate_size=96), "convert hf-expert", CheckpointError, "does not match the base .*width 48 \\(base 32\\)"),
+    "HF expert of another patch size than the base": (_hf_expert(patch_size=16), "convert hf-expert", CheckpointError, "does not match the base .*patch_size 16 \\(base 8\\)"),
+    "HF expert with more layers than the base": (_hf_expert(num_hidden_layers=3), "convert hf-expert", CheckpointError, "does not match the base .*layers 3 \\(base 2\\)"),
+    "HF expert for an unknown task": (_hf_expert(), "convert hf-expert, unknown task", UnknownTaskError, "--task for .*unknown task 'no_such_task'"),
+    "task_vectors head whose class count differs from the task's": (_with_head(_task_vectors_head(7)), "convert task-vectors --head", CheckpointError, "has 7 classes but task digits has 10"),
+    "truncated task_vectors checkpoint (zip)": (_truncated("zip"), "convert task-vectors", CheckpointError, "cannot be read .*truncated or corrupt"),
+    "truncated task_vectors checkpoint (legacy)": (_truncated("legacy"), "convert task-vectors", CheckpointError, "truncated"),
+    "task_vectors checkpoint whose reduce runs os.system (zip)": (_file("finetuned.pt", _torch_save(lambda m: {"model": _RunsCode(m)})), "convert task-vectors", UnsafeCheckpointError, "refusing to load .*finetuned.pt.*the global posix.system"),
+    "task_vectors checkpoint whose reduce runs os.system (raw pickle)": (_file("finetuned.pt", _pickle_dump(lambda m: [_RunsCode(m)])), "convert task-vectors", UnsafeCheckpointError, "refusing to load .*finetuned.pt.*the global posix.system"),
+    # --- allowed: symlinks (hub caches); what loads must be the original tensors
+    "symlinked expert files (hub cache layout) load": (_symlinked_expert, "read_expert", None, lambda expert, state: _same(expert.encoder, _visual(state))),
+    "symlinked pretrained weights load": (_symlinked_weights, "load_clip", None, lambda clip, state: _same(clip.model.state_dict(), state)),
 }
+
+
+def _visual(state):
+    return {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
+
+
+def _same(loaded, original) -> None:
+    assert loaded.keys() == original.keys()
+    for name, tensor in original.items():
+        assert torch.equal(loaded[name], tensor), name
 
 
 @pytest.mark.parametrize("build, reader, error, message", ROWS.values(), ids=ROWS.keys())
@@ -203,7 +344,7 @@ def test_hostile_checkpoint_is_refused_with_a_one_line_error_and_runs_no_code(
 ):
     target = build(tmp_path, clip_state)
     if error is None:
-        assert READERS[reader](target) is not None
+        message(READERS[reader](target), clip_state)  # here: the check of what was loaded
         return
     with pytest.raises(SafemergeError) as caught:
         READERS[reader](target)
@@ -212,8 +353,9 @@ def test_hostile_checkpoint_is_refused_with_a_one_line_error_and_runs_no_code(
     text = str(err)
     assert __import__("re").search(message, text), text
     assert "\n" not in text, text
-    assert str(target) in text or target.name in text, text  # names the file (or its expert)
+    assert str(target) in text, text  # names the file (or the expert directory) by its path
     assert not (tmp_path / MARKER).exists(), "a checkpoint ran code"
+    assert not _converted(target).exists() and not list(target.parent.glob(".converted*")), "a refused conversion wrote"
 
 
 def test_the_hostile_pickles_would_run_code_if_unpickled(tmp_path):

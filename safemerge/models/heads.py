@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from safemerge.errors import CheckpointError
 from safemerge.io import cache_dir, load_tensors, save_tensors
 from safemerge.models.loading import CLIPModel
 
@@ -69,12 +70,31 @@ def cached_zero_shot_head(
     return head
 
 
-def cached_task_heads(clip: CLIPModel, tasks: Iterable[Task]) -> dict[str, Tensor]:
-    """The cached zero-shot head of each task (class names × the task's templates)."""
-    fingerprint = text_fingerprint(clip)
-    return {
-        task.name: cached_zero_shot_head(
-            clip, task.name, task.classnames, [task.prompts(c) for c in task.classnames], fingerprint=fingerprint,
+def cached_task_heads(
+    clip: CLIPModel, tasks: Iterable[Task], given: Mapping[str, Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """The cached zero-shot head of each task (class names × the task's templates), except for
+    the tasks in ``given``: an expert's own head (``head.safetensors``, e.g. a converted
+    task_vectors head), used as it is, so a pool merges with the heads it was evaluated with."""
+    given = dict(given or {})
+    tasks = list(tasks)
+    fingerprint = text_fingerprint(clip) if any(t.name not in given for t in tasks) else None
+    heads = {}
+    for task in tasks:
+        if task.name in given:
+            heads[task.name] = _checked_head(clip, task, given[task.name])
+        else:
+            heads[task.name] = cached_zero_shot_head(
+                clip, task.name, task.classnames, [task.prompts(c) for c in task.classnames], fingerprint=fingerprint,
+            )
+    return heads
+
+
+def _checked_head(clip: CLIPModel, task: Task, head: Tensor) -> Tensor:
+    embed_dim = clip.visual.output_dim
+    if tuple(head.shape) != (task.num_classes, embed_dim):
+        raise CheckpointError(
+            f"the head given for task {task.name} has shape {tuple(head.shape)}; the task and model need "
+            f"({task.num_classes}, {embed_dim}) (classes x embedding width)"
         )
-        for task in tasks
-    }
+    return head.float()

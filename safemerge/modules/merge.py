@@ -109,7 +109,7 @@ class MergeModule(L.LightningModule):
         self.task_names = [expert.task for _, expert in pool]
         self.backdoors, self.backdoor_info = _backdoors(pool, self.task_names)
         tasks = [get_task(t) for t in self.task_names]
-        self.classifier = classifier_for(self.clip, tasks)
+        self.classifier = classifier_for(self.clip, tasks, {e.task: e.head for _, e in pool if e.head is not None})
         self.clip.model = None  # the text tower's job ends with the heads
         states = [expert.encoder for _, expert in pool]
         self.encoder = MergedEncoder(
