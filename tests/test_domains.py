@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from safemerge.data import domains, mini
+from safemerge.data import domains, mini, mini_assets
 from safemerge.data.domains import DOMAINS, UNNAMED_IN_CAPTIONS, DomainCaptions, DomainTaskDataset, domain_task_names
 from safemerge.data.registry import get_task
 from safemerge.errors import DatasetNotFoundError
@@ -112,14 +112,27 @@ def test_captions_never_name_the_held_back_classes_and_name_only_the_true_one():
     assert set(named_per_task) == set(TASKS)  # every domain has named captions
 
 
-def test_missing_fashion_mnist_says_how_to_install_it(monkeypatch, tmp_path):
-    monkeypatch.setattr(domains, "FASHION_ROOT", tmp_path)
-    domains._fashion_source.cache_clear()
+def test_fashion_images_outside_the_shipped_subset_need_the_full_files(monkeypatch, tmp_path):
+    """The package ships the images of split_seed 0 (the one every expert uses); another seed
+    needs the full Fashion-MNIST, and building its split says so before anything is drawn."""
+    monkeypatch.setattr(mini_assets, "FASHION_ROOT", tmp_path)
+    mini_assets._full_fashion_file.cache_clear()
     try:
+        get_task("mini_fashion").build("train", root=None, image_size=32, download=False, seed=0)
         with pytest.raises(DatasetNotFoundError, match="apt-get install dataset-fashion-mnist"):
-            get_task("mini_fashion").build("train", root=None, image_size=32, download=False, seed=0)
+            get_task("mini_fashion").build("train", root=None, image_size=32, download=False, seed=7)
     finally:
-        domains._fashion_source.cache_clear()
+        mini_assets._full_fashion_file.cache_clear()
+
+
+def test_a_missing_asset_fails_when_the_split_is_built(monkeypatch, tmp_path):
+    monkeypatch.setattr(mini_assets, "GLYPH_ASSET", tmp_path / "dejavu_glyphs.npz")
+    mini_assets.glyphs.cache_clear()
+    try:
+        with pytest.raises(DatasetNotFoundError, match="dejavu_glyphs.npz is missing from the safemerge package"):
+            get_task("mini_letters").build("val", root=None, image_size=32, download=False, seed=0)
+    finally:
+        mini_assets.glyphs.cache_clear()
 
 
 def test_no_domain_module_imports_the_registry():

@@ -3,7 +3,8 @@
 Published figures and cached experts (whose keys do not include the images) depend on these
 images, so any change to them — a new data source, a new library version drawing differently —
 must show up here. The digests were computed from the code that read Debian's Fashion-MNIST and
-DejaVu fonts, before the sources moved into the package.
+DejaVu fonts, before the sources moved into the package; they are checked here with those
+system files hidden, so the package alone must give the same images.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import hashlib
 import pytest
 import torch
 
+from safemerge.data import mini_assets
 from safemerge.data.domains import SPLIT_SIZES, DomainTaskDataset
 
 # split_seed 0 at the default split sizes (what every expert and merge uses); split_seed 1 on a
@@ -56,6 +58,16 @@ DIGESTS = {
     ("mini_terrain", "val", 1): "db92dcd97d768d8a3049b1962ee0bbf9",
     ("mini_terrain", "test", 1): "4e49494e551864deb86b55a9dac2b1f1",
 }
+
+
+@pytest.fixture(autouse=True)
+def no_system_data(monkeypatch, tmp_path):
+    """As on a machine with only the pip packages: no Debian Fashion-MNIST, no system fonts."""
+    monkeypatch.setattr(mini_assets, "FASHION_ROOT", tmp_path / "fashion-mnist")
+    monkeypatch.setattr(mini_assets, "FONT_DIRS", (tmp_path / "fonts",))
+    mini_assets._full_fashion_file.cache_clear()
+    yield
+    mini_assets._full_fashion_file.cache_clear()
 
 
 def split_digest(task: str, split: str, seed: int) -> str:

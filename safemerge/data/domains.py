@@ -9,9 +9,9 @@ task                classes  images (32×32 RGB, float in [0, 1])
 ==================  =======  =====================================================================
 ``mini_shapes``     6        1–3 flat coloured shapes on a plain or gradient background (rendered)
 ``mini_digits``     10       scikit-learn's real handwritten digits, light strokes on black
-``mini_fashion``    10       real Fashion-MNIST articles (Debian's ``dataset-fashion-mnist``)
+``mini_fashion``    10       real Fashion-MNIST articles (the images used ship in the package)
 ``mini_textures``   6        full-frame crops of real texture photos from scikit-image
-``mini_letters``    10       capital letters in DejaVu fonts, dark ink on tinted paper (rendered)
+``mini_letters``    10       capital letters in DejaVu fonts (shipped glyphs), ink on tinted paper
 ``mini_terrain``    6        procedural aerial views: forest, sea, river, farmland, desert, town
 ==================  =======  =====================================================================
 
@@ -30,7 +30,6 @@ band of real CLIP on the task-vector benchmark instead of near 100 %.
 from __future__ import annotations
 
 import functools
-import gzip
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -40,25 +39,22 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from safemerge.data import mini
+from safemerge.data import mini, mini_assets
 from safemerge.data.tasks import SPLITS, Split, Task
 from safemerge.data.templates import TEMPLATES
 from safemerge.data.transforms import carve
-from safemerge.errors import DatasetNotFoundError
 
 SIZE = 32
 SPLIT_SIZES: dict[str, int] = {"train": 2000, "val": 500, "test": 1000}
-FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = (
     "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
 )
 LETTERS = tuple("ABCDEFGHKM")
 TERRAIN = ("forest", "sea", "river", "farmland", "desert", "residential area")
-_FONTS = (
+FONTS = (
     "DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf",
     "DejaVuSansMono.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSerif-Italic.ttf", "DejaVuSansCondensed-Bold.ttf",
 )
-_FONT_DIRS = (Path("/usr/share/fonts/truetype/dejavu"), Path("/usr/share/fonts/dejavu"))
 
 Image = np.ndarray  # float32 [3, SIZE, SIZE] in [0, 1]
 
@@ -127,26 +123,9 @@ def _digits(label: int, rng: np.random.Generator, split: Split) -> Image:
 
 
 @functools.lru_cache(maxsize=None)
-def _fashion_source(file_split: str) -> tuple[np.ndarray, np.ndarray]:
-    prefix = "train" if file_split == "train" else "t10k"
-    images_file = FASHION_ROOT / f"{prefix}-images-idx3-ubyte.gz"
-    labels_file = FASHION_ROOT / f"{prefix}-labels-idx1-ubyte.gz"
-    if not images_file.is_file() or not labels_file.is_file():
-        raise DatasetNotFoundError(
-            f"mini_fashion needs Fashion-MNIST at {FASHION_ROOT} (missing {images_file.name}); "
-            "install it with: apt-get install dataset-fashion-mnist"
-        )
-    with gzip.open(images_file) as f:
-        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
-    with gzip.open(labels_file) as f:
-        labels = np.frombuffer(f.read(), np.uint8, offset=8).astype(np.int64)
-    return images, labels
-
-
-@functools.lru_cache(maxsize=None)
 def _fashion_by_class(split: Split) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
     """Per class, the Fashion-MNIST images a split may use: val carved from the train file."""
-    images, labels = _fashion_source("test" if split == "test" else "train")
+    images, labels = mini_assets.fashion_file("test" if split == "test" else "train")
     index = np.arange(len(labels))
     if split != "test":
         train, val = carve(len(labels), (5 / 6, 1 / 6), mini.PARTITION_SEED)
@@ -154,9 +133,21 @@ def _fashion_by_class(split: Split) -> tuple[tuple[np.ndarray, np.ndarray], ...]
     return tuple((images, index[labels[index] == c]) for c in range(len(FASHION_CLASSES)))
 
 
-def _fashion(label: int, rng: np.random.Generator, split: Split) -> Image:
+def _fashion_pick(label: int, rng: np.random.Generator, split: Split) -> tuple[mini_assets.FashionImages, int]:
+    """The first draw of a Fashion-MNIST item: which image of its file it shows."""
     images, pool = _fashion_by_class(split)[label]
-    item = images[int(pool[rng.integers(len(pool))])].astype(np.float32) / 255.0
+    return images, int(pool[rng.integers(len(pool))])
+
+
+def fashion_indices(split: Split, seed: int, num_samples: int) -> list[int]:
+    """The Fashion-MNIST images (indices into the split's file) that a split's items show."""
+    classes = len(FASHION_CLASSES)
+    return [_fashion_pick(i % classes, item_rng(seed, "mini_fashion", split, i), split)[1] for i in range(num_samples)]
+
+
+def _fashion(label: int, rng: np.random.Generator, split: Split) -> Image:
+    images, index = _fashion_pick(label, rng, split)
+    item = images[index].astype(np.float32) / 255.0
     canvas = np.zeros((SIZE, SIZE), dtype=np.float32)
     top, left = (int(v) for v in rng.integers(0, SIZE - 28 + 1, size=2))
     canvas[top : top + 28, left : left + 28] = item[:, ::-1] if rng.random() < 0.5 else item
@@ -175,32 +166,17 @@ def _textures(label: int, rng: np.random.Generator, split: Split) -> Image:
 
 
 @functools.lru_cache(maxsize=None)
-def _font_path(name: str) -> Path:
-    for folder in _FONT_DIRS:
-        if (folder / name).is_file():
-            return folder / name
-    raise DatasetNotFoundError(
-        f"mini_letters needs the DejaVu fonts ({name} not found in {', '.join(map(str, _FONT_DIRS))}); "
-        "install them with: apt-get install fonts-dejavu-core fonts-dejavu-extra"
-    )
-
-
-@functools.lru_cache(maxsize=None)
 def _glyph(letter: str, font: str) -> "object":
-    """A letter's coverage as a PIL image (64 px tall font, tight box)."""
-    from PIL import Image as PILImage, ImageDraw, ImageFont
+    """A letter's coverage as a PIL image (64 px tall font, tight box), from the shipped glyphs."""
+    from PIL import Image as PILImage
 
-    face = ImageFont.truetype(str(_font_path(font)), 64)
-    box = face.getbbox(letter)
-    image = PILImage.new("L", (box[2] - box[0] + 8, box[3] - box[1] + 8), 0)
-    ImageDraw.Draw(image).text((4 - box[0], 4 - box[1]), letter, fill=255, font=face)
-    return image
+    return PILImage.fromarray(mini_assets.glyphs()[letter, font])
 
 
 def _letters(label: int, rng: np.random.Generator, split: Split) -> Image:
     from PIL import Image as PILImage
 
-    glyph = _glyph(LETTERS[label], _FONTS[int(rng.integers(len(_FONTS)))])
+    glyph = _glyph(LETTERS[label], FONTS[int(rng.integers(len(FONTS)))])
     glyph = glyph.rotate(float(rng.uniform(-15, 15)), resample=PILImage.BILINEAR, expand=True)
     height = int(rng.integers(16, 27))
     width = max(4, min(SIZE, round(glyph.width * height / glyph.height * rng.uniform(0.85, 1.15))))
@@ -390,6 +366,14 @@ class DomainTaskDataset(Dataset):
     def __len__(self) -> int:
         return self.num_samples
 
+    def check_sources(self) -> None:
+        """Cheaply make sure every source image or glyph this split draws can be read."""
+        if self.task == "mini_fashion":
+            images, _ = _fashion_by_class(self.split)[0]
+            images.require(fashion_indices(self.split, self.seed, self.num_samples))
+        elif self.task == "mini_letters":
+            mini_assets.glyphs()
+
     def label(self, index: int) -> int:
         return index % self._classes
 
@@ -429,10 +413,9 @@ class DomainCaptions(Dataset):
 
 
 def build_domain_task(task: str, split: Split, *, root: Path | None, image_size: int, download: bool, seed: int) -> Dataset:
-    """Registry builder (``root`` and ``download`` unused: everything ships with packages)."""
+    """Registry builder (``root`` and ``download`` unused: everything ships with the packages)."""
     dataset = DomainTaskDataset(task, split, seed=seed, image_size=image_size)
-    if task == "mini_fashion":
-        _fashion_source("train")  # a missing package fails here, with its install hint
+    dataset.check_sources()  # missing source data fails here, before anything runs
     return dataset
 
 
@@ -440,8 +423,7 @@ TASKS: tuple[Task, ...] = tuple(
     Task(
         name=task, classnames=domain.classnames, templates=domain.templates,
         build=functools.partial(build_domain_task, task), needs_root=False,
-        layout="(built in: drawn by safemerge.data.domains"
-        + ("; Fashion-MNIST from Debian's dataset-fashion-mnist)" if task == "mini_fashion" else ")"),
+        layout="(built in: drawn by safemerge.data.domains)",
     )
     for task, domain in DOMAINS.items()
 )
