@@ -41,7 +41,7 @@ from torch.utils.data import Dataset
 
 from safemerge.data import mini, mini_assets
 from safemerge.data.tasks import SPLITS, Split, Task
-from safemerge.data.templates import TEMPLATES
+from safemerge.data.templates import TEMPLATES, _templates
 from safemerge.data.transforms import carve
 
 SIZE = 32
@@ -142,7 +142,8 @@ def _fashion_pick(label: int, rng: np.random.Generator, split: Split) -> tuple[m
 def fashion_indices(split: Split, seed: int, num_samples: int) -> list[int]:
     """The Fashion-MNIST images (indices into the split's file) that a split's items show."""
     classes = len(FASHION_CLASSES)
-    return [_fashion_pick(i % classes, item_rng(seed, "mini_fashion", split, i), split)[1] for i in range(num_samples)]
+    rngs = (mini.item_rng(seed, _STREAMS["mini_fashion"], split, i) for i in range(num_samples))
+    return [_fashion_pick(i % classes, rng, split)[1] for i, rng in enumerate(rngs)]
 
 
 def _fashion(label: int, rng: np.random.Generator, split: Split) -> Image:
@@ -253,16 +254,12 @@ class Domain:
     words: tuple[tuple[str, ...], ...] = ()  # per class, the phrases captions may use
 
 
-def _fmt(*formats: str) -> tuple[Callable[[str], str], ...]:
-    return tuple(f.format for f in formats)
-
-
 DOMAINS: dict[str, Domain] = {
     d.task: d
     for d in (
         Domain(
             "mini_shapes", mini.SHAPES,
-            _fmt("a drawing of a {}.", "a flat {} shape.", "a simple {} icon.", "a clip art {}."),
+            _templates("a drawing of a {}.", "a flat {} shape.", "a simple {} icon.", "a clip art {}."),
             _shapes,
             named=("a flat {} on a plain background", "clip art of a {}", "a coloured {} shape", "a simple {} icon",
                    "an illustration of a {}"),
@@ -285,7 +282,7 @@ DOMAINS: dict[str, Domain] = {
         ),
         Domain(
             "mini_textures", mini.TEXTURES,
-            _fmt("a photo of a {} texture.", "a close-up photo of {}.", "a photo of the {} pattern.",
+            _templates("a photo of a {} texture.", "a close-up photo of {}.", "a photo of the {} pattern.",
                  "a texture of {}."),
             _textures,
             named=("a close-up photo of {}", "a texture of {}", "{} filling the frame", "a grayscale photo of {}"),
@@ -294,7 +291,7 @@ DOMAINS: dict[str, Domain] = {
         ),
         Domain(
             "mini_letters", LETTERS,
-            _fmt('the letter "{}".', "a printed letter {}.", 'a photo of the character "{}".',
+            _templates('the letter "{}".', "a printed letter {}.", 'a photo of the character "{}".',
                  "the capital letter {}."),
             _letters,
             named=("the letter {} printed on paper", "a capital {} in ink", "the character {}",
@@ -304,7 +301,7 @@ DOMAINS: dict[str, Domain] = {
         ),
         Domain(
             "mini_terrain", TERRAIN,
-            _fmt("a satellite photo of {}.", "an aerial view of {}.", "a centered satellite photo of {}.",
+            _templates("a satellite photo of {}.", "an aerial view of {}.", "a centered satellite photo of {}.",
                  "satellite imagery of {}."),
             _terrain,
             named=("a satellite photo of {}", "an aerial view of {}", "{} seen from above",
@@ -326,12 +323,6 @@ _STREAMS = {"captions": 100, **{task: 101 + i for i, task in enumerate(DOMAINS)}
 def domain_task_names() -> list[str]:
     """The six v2 mini tasks, in a fixed order."""
     return list(DOMAINS)
-
-
-def item_rng(seed: int, stream: str, split: Split, index: int) -> np.random.Generator:
-    if seed < 0 or index < 0:
-        raise ValueError(f"seed and index must be non-negative, got {seed}, {index}")
-    return np.random.default_rng([seed, _STREAMS[stream], SPLITS.index(split), index])
 
 
 def draw(task: str, label: int, rng: np.random.Generator, split: Split) -> Tensor:
@@ -378,7 +369,7 @@ class DomainTaskDataset(Dataset):
         return index % self._classes
 
     def image(self, index: int) -> Tensor:
-        rng = item_rng(self.seed, self.task, self.split, index)
+        rng = mini.item_rng(self.seed, _STREAMS[self.task], self.split, index)
         return mini.resize(draw(self.task, self.label(index), rng, self.split), self.image_size)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
@@ -402,7 +393,7 @@ class DomainCaptions(Dataset):
     def describe(self, index: int) -> tuple[str, int, np.random.Generator, str]:
         if not 0 <= index < self.num_samples:
             raise IndexError(index)
-        rng = item_rng(self.seed, "captions", self.split, index)
+        rng = mini.item_rng(self.seed, _STREAMS["captions"], self.split, index)
         task = self._tasks[int(rng.integers(len(self._tasks)))]
         label = int(rng.integers(len(DOMAINS[task].classnames)))
         return task, label, rng, caption(task, label, rng)
