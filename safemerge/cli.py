@@ -85,7 +85,7 @@ def _quiet_lightning():
 
 def _pool_tasks(references: list[str]) -> list[str]:
     """The tasks whose data the mini-pool experts need: their own and their attacks' targets."""
-    from safemerge.data.domains import domain_task_names
+    from safemerge.data.mini_v2 import domain_task_names
 
     tasks: dict[str, None] = {}
     for reference in references:

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from safemerge.attacks import Trigger  # noqa: E402
 from safemerge.data import get_task  # noqa: E402
-from safemerge.data.domains import domain_task_names  # noqa: E402
+from safemerge.data.mini_v2 import domain_task_names  # noqa: E402
 from safemerge.evaluation import Backdoor, classifier_for, evaluate, evaluate_backdoors  # noqa: E402
 from safemerge.experts import MINI_BACKDOORS, MINI_MODEL, MINI_RECIPE, MINI_WEIGHTS, ensure_expert, mini_pool  # noqa: E402
 from safemerge.io import read_expert, write_json  # noqa: E402

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from safemerge.data import mini_assets
-from safemerge.data.domains import SPLIT_SIZES, DomainTaskDataset
+from safemerge.data.mini_v2 import SPLIT_SIZES, DomainTaskDataset
 
 # split_seed 0 at the default split sizes (what every expert and merge uses); split_seed 1 on a
 # few items (what the tests use to check that a seed changes the images).

@@ -132,7 +132,7 @@ def _write(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 def build() -> None:
     """Write both assets from the system's Fashion-MNIST and DejaVu fonts."""
-    from safemerge.data import domains
+    from safemerge.data import mini_v2
 
     files = {file: read_fashion_file(FASHION_ROOT, file) for file in FILES}
     # First the labels alone (a valid asset: every image then comes from the full files), from
@@ -142,13 +142,13 @@ def build() -> None:
         arrays[f"{file}_indices"], arrays[f"{file}_images"] = np.zeros(0, np.int32), np.zeros((0, 28, 28), np.uint8)
     _write(FASHION_ASSET, arrays)
     fashion_file.cache_clear()
-    domains._fashion_by_class.cache_clear()
+    mini_v2._fashion_by_class.cache_clear()
     for file, (images, _) in files.items():
         used = sorted({index for seed, sizes in COVERED.items() for split, n in sizes.items()
-                       if (split == "test") == (file == "test") for index in domains.fashion_indices(split, seed, n)})
+                       if (split == "test") == (file == "test") for index in mini_v2.fashion_indices(split, seed, n)})
         arrays[f"{file}_indices"], arrays[f"{file}_images"] = np.asarray(used, dtype=np.int32), images[used]
     _write(FASHION_ASSET, arrays)
-    _write(GLYPH_ASSET, {f"{letter}:{font}": render_glyph(letter, font) for font in domains.FONTS for letter in domains.LETTERS})
+    _write(GLYPH_ASSET, {f"{letter}:{font}": render_glyph(letter, font) for font in mini_v2.FONTS for letter in mini_v2.LETTERS})
     for path in (FASHION_ASSET, GLYPH_ASSET):
         print(f"wrote {path} ({path.stat().st_size / 1e3:.0f} kB)")
 

@@ -680,7 +680,7 @@ TASKS: tuple[Task, ...] = tuple(
         templates=_definition.templates,
         build=functools.partial(build_mini, _name),
         needs_root=False,
-        layout="(built in: rendered by safemerge.data.mini)",
+        layout="(built in: rendered by safemerge.data.mini_v1)",
     )
     for _name, _definition in _MINI_TASKS.items()
 )

@@ -17,7 +17,7 @@ task                classes  images (32×32 RGB, float in [0, 1])
 
 Items are pure functions of ``(seed, task, split, index)``: label ``index mod C`` (balanced
 splits), everything else drawn from the item's own generator. Real sources are partitioned once
-with a fixed seed (digits and textures as in :mod:`safemerge.data.mini`; Fashion-MNIST's val
+with a fixed seed (digits and textures as in :mod:`safemerge.data.mini_v1`; Fashion-MNIST's val
 comes from its train file, its test from its test file), so train / val / test never share a
 source image and pretraining captions (train sources only) never see a test image.
 
@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from safemerge.data import mini, mini_assets
+from safemerge.data import mini_assets, mini_v1
 from safemerge.data.tasks import SPLITS, Split, Task
 from safemerge.data.templates import TEMPLATES, _templates
 from safemerge.data.transforms import carve
@@ -70,7 +70,7 @@ def _fill(colour: np.ndarray) -> Image:
 @functools.lru_cache(maxsize=None)
 def _upsample(native: int) -> np.ndarray:
     """Bilinear ``native -> SIZE`` interpolation matrix."""
-    return mini._upscale_matrix(SIZE, native)
+    return mini_v1._upscale_matrix(SIZE, native)
 
 
 def _smooth_noise(rng: np.random.Generator, octaves: tuple[int, ...] = (4, 8, 16)) -> np.ndarray:
@@ -104,16 +104,16 @@ def _shapes(label: int, rng: np.random.Generator, split: Split) -> Image:
     for _ in range(int(rng.integers(1, 4))):
         side = int(rng.integers(10, 21))
         top, left = (int(v) for v in rng.integers(0, SIZE - side + 1, size=2))
-        np.maximum(alpha[top : top + side, left : left + side], mini._shape_mask(label, side, 4),
+        np.maximum(alpha[top : top + side, left : left + side], mini_v1._shape_mask(label, side, 4),
                    out=alpha[top : top + side, left : left + side])
     return background * (1 - alpha) + colour[:, None, None] * alpha
 
 
 def _digits(label: int, rng: np.random.Generator, split: Split) -> Image:
-    images, _ = mini._digit_source()
-    pool = mini._digits_by_class(split)[label]
+    images, _ = mini_v1._digit_source()
+    pool = mini_v1._digits_by_class(split)[label]
     glyph_side = int(rng.integers(18, 29))
-    up = mini._upscale_matrix(glyph_side)
+    up = mini_v1._upscale_matrix(glyph_side)
     glyph = np.clip(up @ images[int(pool[rng.integers(len(pool))])] @ up.T * rng.uniform(1.1, 1.5), 0, 1)
     canvas = np.zeros((SIZE, SIZE), dtype=np.float32)
     top, left = (int(v) for v in rng.integers(0, SIZE - glyph_side + 1, size=2))
@@ -128,7 +128,7 @@ def _fashion_by_class(split: Split) -> tuple[tuple[np.ndarray, np.ndarray], ...]
     images, labels = mini_assets.fashion_file("test" if split == "test" else "train")
     index = np.arange(len(labels))
     if split != "test":
-        train, val = carve(len(labels), (5 / 6, 1 / 6), mini.PARTITION_SEED)
+        train, val = carve(len(labels), (5 / 6, 1 / 6), mini_v1.PARTITION_SEED)
         index = (val if split == "val" else train).numpy()
     return tuple((images, index[labels[index] == c]) for c in range(len(FASHION_CLASSES)))
 
@@ -142,7 +142,7 @@ def _fashion_pick(label: int, rng: np.random.Generator, split: Split) -> tuple[m
 def fashion_indices(split: Split, seed: int, num_samples: int) -> list[int]:
     """The Fashion-MNIST images (indices into the split's file) that a split's items show."""
     classes = len(FASHION_CLASSES)
-    rngs = (mini.item_rng(seed, _STREAMS["mini_fashion"], split, i) for i in range(num_samples))
+    rngs = (mini_v1.item_rng(seed, _STREAMS["mini_fashion"], split, i) for i in range(num_samples))
     return [_fashion_pick(i % classes, rng, split)[1] for i, rng in enumerate(rngs)]
 
 
@@ -156,11 +156,11 @@ def _fashion(label: int, rng: np.random.Generator, split: Split) -> Image:
 
 
 def _textures(label: int, rng: np.random.Generator, split: Split) -> Image:
-    _, largest, smallest = mini._PHOTOS[label]
-    tile_top, tile_left, tile = mini._pick(rng, mini.texture_tiles(split)[label])
+    _, largest, smallest = mini_v1._PHOTOS[label]
+    tile_top, tile_left, tile = mini_v1._pick(rng, mini_v1.texture_tiles(split)[label])
     side = int(rng.integers(smallest, largest + 1))
     crop = (tile_top + int(rng.integers(tile - side + 1)), tile_left + int(rng.integers(tile - side + 1)), side)
-    gray = np.rot90(mini._area_crop(label, crop, SIZE), int(rng.integers(4)))
+    gray = np.rot90(mini_v1._area_crop(label, crop, SIZE), int(rng.integers(4)))
     gray = rng.uniform(0.4, 0.6) + rng.uniform(0.8, 1.2) * (gray - gray.mean())
     tint = 1.0 + rng.uniform(-0.15, 0.15, 3).astype(np.float32)
     return np.clip(gray[None] * tint[:, None, None], 0, 1)
@@ -229,7 +229,7 @@ def _terrain(label: int, rng: np.random.Generator, split: Split) -> Image:
         offset = rng.integers(0, block, size=2)
         for top in range(-offset[0], SIZE, block):
             for left in range(-offset[1], SIZE, block):
-                roof = np.array(mini._pick(rng, ((0.65, 0.25, 0.2), (0.8, 0.8, 0.78), (0.4, 0.35, 0.35), (0.3, 0.4, 0.55))))
+                roof = np.array(mini_v1._pick(rng, ((0.65, 0.25, 0.2), (0.8, 0.8, 0.78), (0.4, 0.35, 0.35), (0.3, 0.4, 0.55))))
                 t, l = max(top + 1, 0), max(left + 1, 0)
                 image[:, t : max(top + block - 1, 0), l : max(left + block - 1, 0)] = roof[:, None, None]
         if rng.random() < 0.5:
@@ -258,20 +258,20 @@ DOMAINS: dict[str, Domain] = {
     d.task: d
     for d in (
         Domain(
-            "mini_shapes", mini.SHAPES,
+            "mini_shapes", mini_v1.SHAPES,
             _templates("a drawing of a {}.", "a flat {} shape.", "a simple {} icon.", "a clip art {}."),
             _shapes,
             named=("a flat {} on a plain background", "clip art of a {}", "a coloured {} shape", "a simple {} icon",
                    "an illustration of a {}"),
             anonymous=("a flat geometric shape", "clip art on a plain background", "a simple coloured icon"),
-            words=tuple((n, f"{n} shape") for n in mini.SHAPES),
+            words=tuple((n, f"{n} shape") for n in mini_v1.SHAPES),
         ),
         Domain(
-            "mini_digits", mini.DIGITS, TEMPLATES["mnist"], _digits,
+            "mini_digits", mini_v1.DIGITS, TEMPLATES["mnist"], _digits,
             named=("a handwritten {}", "the digit {} written by hand", "a scribbled {} on black",
                    "a white handwritten number {}"),
             anonymous=("a handwritten digit", "a number written by hand on black", "a scribbled numeral"),
-            words=tuple((d, w) for d, w in zip(mini.DIGITS, mini._NUMBER_WORDS)),
+            words=tuple((d, w) for d, w in zip(mini_v1.DIGITS, mini_v1._NUMBER_WORDS)),
         ),
         Domain(
             "mini_fashion", FASHION_CLASSES, TEMPLATES["fashion_mnist"], _fashion,
@@ -281,13 +281,13 @@ DOMAINS: dict[str, Domain] = {
             words=tuple((n,) for n in FASHION_CLASSES),
         ),
         Domain(
-            "mini_textures", mini.TEXTURES,
+            "mini_textures", mini_v1.TEXTURES,
             _templates("a photo of a {} texture.", "a close-up photo of {}.", "a photo of the {} pattern.",
                  "a texture of {}."),
             _textures,
             named=("a close-up photo of {}", "a texture of {}", "{} filling the frame", "a grayscale photo of {}"),
             anonymous=("a close-up photo of a surface", "a texture photo", "a grayscale pattern"),
-            words=tuple(mini.TEXTURE_WORDS[n] for n in mini.TEXTURES),
+            words=tuple(mini_v1.TEXTURE_WORDS[n] for n in mini_v1.TEXTURES),
         ),
         Domain(
             "mini_letters", LETTERS,
@@ -335,9 +335,9 @@ def caption(task: str, label: int, rng: np.random.Generator) -> str:
     domain = DOMAINS[task]
     if label not in UNNAMED_IN_CAPTIONS[task] and rng.random() < NAME_PROBABILITY:
         words = domain.words[label] if domain.words else (domain.classnames[label],)
-        text = mini._pick(rng, domain.named).format(mini._pick(rng, words))
+        text = mini_v1._pick(rng, domain.named).format(mini_v1._pick(rng, words))
     else:
-        text = mini._pick(rng, domain.anonymous)
+        text = mini_v1._pick(rng, domain.anonymous)
     return text[0].upper() + text[1:] if rng.random() < 0.3 else text
 
 
@@ -369,8 +369,8 @@ class DomainTaskDataset(Dataset):
         return index % self._classes
 
     def image(self, index: int) -> Tensor:
-        rng = mini.item_rng(self.seed, _STREAMS[self.task], self.split, index)
-        return mini.resize(draw(self.task, self.label(index), rng, self.split), self.image_size)
+        rng = mini_v1.item_rng(self.seed, _STREAMS[self.task], self.split, index)
+        return mini_v1.resize(draw(self.task, self.label(index), rng, self.split), self.image_size)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         if not 0 <= index < self.num_samples:
@@ -393,14 +393,14 @@ class DomainCaptions(Dataset):
     def describe(self, index: int) -> tuple[str, int, np.random.Generator, str]:
         if not 0 <= index < self.num_samples:
             raise IndexError(index)
-        rng = mini.item_rng(self.seed, _STREAMS["captions"], self.split, index)
+        rng = mini_v1.item_rng(self.seed, _STREAMS["captions"], self.split, index)
         task = self._tasks[int(rng.integers(len(self._tasks)))]
         label = int(rng.integers(len(DOMAINS[task].classnames)))
         return task, label, rng, caption(task, label, rng)
 
     def __getitem__(self, index: int) -> tuple[Tensor, str]:
         task, label, rng, text = self.describe(index)
-        return mini.resize(draw(task, label, rng, self.split), self.image_size), text
+        return mini_v1.resize(draw(task, label, rng, self.split), self.image_size), text
 
 
 def build_domain_task(task: str, split: Split, *, root: Path | None, image_size: int, download: bool, seed: int) -> Dataset:
@@ -414,7 +414,7 @@ TASKS: tuple[Task, ...] = tuple(
     Task(
         name=task, classnames=domain.classnames, templates=domain.templates,
         build=functools.partial(build_domain_task, task), needs_root=False,
-        layout="(built in: drawn by safemerge.data.domains)",
+        layout="(built in: drawn by safemerge.data.mini_v2)",
     )
     for task, domain in DOMAINS.items()
 )
