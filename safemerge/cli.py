@@ -2,26 +2,169 @@
 
 ``python trainer.py fit --config configs/finetune.yaml``. Models and datamodules are chosen
 in the config by ``class_path``; the datamodule's image size is linked from the model.
-A user mistake (:class:`~safemerge.errors.SafemergeError`) is printed as one ``error:`` line
-and exits with status 2; nothing is written before the inputs are checked. A learned merge
+A user mistake (:class:`~safemerge.errors.SafemergeError`, or a config that fails validation)
+is printed as one ``error:`` line and exits with status 2; nothing is written before the inputs
+are checked. A merge says what it does: one line per expert, one per stage, where the report
+is; third-party tips and warnings known to be harmless are silenced here, at the entry point. A learned merge
 stopped by SIGTERM saves its state and exits with status 143; ``--ckpt_path last`` resumes it
 (:mod:`safemerge.modules.resume`).
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import logging
 import os
+import re
 import sys
+import time
+import warnings
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from safemerge.errors import CheckpointError, SafemergeError
-from safemerge.experts import resolve_experts
-from safemerge.io import read_checkpoint
+from safemerge.data.datamodule import build_split
+from safemerge.data.registry import SPLITS, get_task
+from safemerge.errors import CheckpointError, ConfigError, SafemergeError
+from safemerge.experts import MINI_PREFIX, expert_cache, mini_backdoor, resolve_experts
+from safemerge.io import EXPERT_FILE, read_checkpoint, read_json
 from safemerge.modules.resume import SIGTERM_EXIT_STATUS, last_checkpoint
+from safemerge.report import run_title
+
+_RANK_ZERO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+_HARMLESS_WARNINGS = (
+    r".*does not have many workers", r"Found \d+ module\(s\) in eval mode", r".*is deprecated",
+    r"Your `IterableDataset` has `__len__` defined",  # the merge's stream: one loader process
+    r"The number of training batches \(\d+\) is smaller than the logging interval",  # short merges log at the end
+)
+_HARMLESS_WANDB = ("The anonymous setting has no effect", "git root ")
+
+
+def say(message: str) -> None:
+    """One line of the run's own account of what it does."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def _silence_harmless_noise() -> None:
+    """Third-party tips and warnings that say nothing about this run (never errors)."""
+    for category in (DeprecationWarning, PendingDeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    for message in _HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+    for name in _RANK_ZERO_LOGGERS:  # Lightning's advertisements for its cloud products
+        logging.getLogger(name).addFilter(lambda record: not record.getMessage().startswith("💡 Tip"))
+    import wandb
+
+    if not getattr(wandb.termwarn, "safemerge_filtered", False):
+        termwarn = wandb.termwarn
+
+        def filtered(string: str, *args, **kwargs):
+            if not str(string).startswith(_HARMLESS_WANDB):
+                termwarn(string, *args, **kwargs)
+
+        filtered.safemerge_filtered = True
+        wandb.termwarn = filtered
+
+
+@contextlib.contextmanager
+def _quiet_lightning():
+    """Lightning's per-trainer banners (GPU available, ...) while experts are fine-tuned."""
+    loggers = [logging.getLogger(name) for name in _RANK_ZERO_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _pool_tasks(references: list[str]) -> list[str]:
+    """The tasks whose data the mini-pool experts need: their own and their attacks' targets."""
+    from safemerge.data.mini_v2 import domain_task_names
+
+    tasks: dict[str, None] = {}
+    for reference in references:
+        if not reference.startswith(MINI_PREFIX):
+            continue  # a given directory: nothing to fine-tune; the merge checks its data
+        task, _, variant = reference.removeprefix(MINI_PREFIX).partition(":")
+        if task not in domain_task_names():
+            continue  # resolve_experts says what is wrong with the reference
+        tasks[task] = None
+        target = (mini_backdoor(task, variant)["init_args"].get("target_task") if variant else None)
+        if target:
+            tasks[target] = None
+    return list(tasks)
+
+
+def check_pool_data(references: list[str]) -> None:
+    """Build every split of every task the pool's experts need (sources checked, nothing drawn),
+    so missing data fails before the first expert is fine-tuned."""
+    for task in _pool_tasks(references):
+        for split in SPLITS:  # the mini pool's experts use split_seed 0; the sources do not depend on the size
+            build_split(get_task(task), split, root=None, image_size=32, download=False, seed=0)
+
+
+def _expert_line(reference: str, directory: str, fine_tuned: bool, seconds: float) -> str:
+    try:
+        info = read_json(Path(directory) / EXPERT_FILE)
+        task, backdoor, metrics = info["task"], info.get("backdoor"), info.get("metrics") or {}
+    except (SafemergeError, KeyError, TypeError):
+        return f"expert {reference}: {directory}"  # the merge reads it and says what is wrong
+    attack = backdoor.get("attack") if isinstance(backdoor, dict) else None
+    how = f"fine-tuned in {seconds:.0f} s" if fine_tuned else ("cached" if reference.startswith(MINI_PREFIX) else "given")
+    figures = [f"test accuracy {100 * metrics['accuracy']:.1f} %" if isinstance(metrics.get("accuracy"), float) else "",
+               f"ASR {100 * metrics['asr']:.1f} %" if isinstance(metrics.get("asr"), float) else ""]
+    return ", ".join([f"expert {task} ({attack or 'clean'}): {how}", *filter(None, figures)])
+
+
+def resolve_pool(references: list[str]) -> list[str]:
+    """The pool's expert directories, fine-tuned or taken from the cache, one line each."""
+    check_pool_data(references)
+    directories = []
+    for reference in references:
+        cache = expert_cache()
+        before = set(cache.iterdir()) if cache.is_dir() else set()
+        start = time.monotonic()
+        with _quiet_lightning():
+            (directory,) = resolve_experts([reference])
+        fine_tuned = reference.startswith(MINI_PREFIX) and Path(directory) not in before
+        say(_expert_line(reference, directory, fine_tuned, time.monotonic() - start))
+        directories.append(directory)
+    return directories
+
+
+class MergeProgress(L.Callback):
+    """A merge's stages as they start: merging, the defence, evaluation."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._starts = {}
+        learner = getattr(pl_module, "learner", None)
+        if learner is None:
+            say(f"merging: {_title(pl_module)} (nothing to learn)")
+            return
+        start = 0
+        for name, steps, owner in learner.schedule:
+            role = "defence" if owner is pl_module.defense else "merging"
+            self._starts[start] = f"{role}: {type(owner).__name__} {name}, {steps} steps"
+            start += steps
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if batch_idx in self._starts:
+            say(self._starts[batch_idx])
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        say(f"evaluating: {_title(pl_module)} on the test splits of {len(pl_module.task_names)} tasks")
+
+
+def _title(module) -> str:
+    method = module.method.describe()
+    return run_title({"method": method["name"], "config": {"method": method},
+                      "defense": module.defense.describe() if module.defense else None})
 
 
 def _default_wandb_mode() -> None:
@@ -59,7 +202,7 @@ class SafemergeCLI(LightningCLI):
         init_args = getattr(config.get("model"), "init_args", None)
         experts = init_args.get("experts") if init_args is not None else None
         if isinstance(experts, list):
-            init_args.experts = resolve_experts([str(e) for e in experts])
+            init_args.experts = resolve_pool([str(e) for e in experts])
 
     def _check_inputs(self) -> None:
         # Loggers (W&B) start writing as soon as the trainer runs: read every input first.
@@ -72,7 +215,18 @@ class SafemergeCLI(LightningCLI):
         if hasattr(self.model, "check_resumable"):
             self._check_resume_checkpoint()
 
-    before_fit = before_validate = before_test = before_predict = _check_inputs
+    before_validate = before_test = before_predict = _check_inputs
+
+    def before_fit(self) -> None:
+        self._check_inputs()
+        steps = getattr(self.model, "adaptation_steps", None)
+        interval = self.trainer.val_check_interval
+        if steps and isinstance(interval, int) and interval > steps:
+            # A learned merge shorter than the validation interval validates once, at its end
+            # (Lightning refuses an interval longer than the training).
+            self.trainer.val_check_interval = steps
+        if hasattr(self.model, "learner"):
+            self.trainer.callbacks.append(MergeProgress())
 
     def _check_resume_checkpoint(self) -> None:
         """A merge's ``--ckpt_path``: ``last`` is its output directory's resume checkpoint; the
@@ -101,6 +255,9 @@ class SafemergeCLI(LightningCLI):
             return
         if type(self.model).test_step is not L.LightningModule.test_step:
             self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+            output_dir = getattr(self.model, "hparams", {}).get("output_dir")
+            if hasattr(self.model, "learner") and output_dir and self.trainer.is_global_zero:
+                say(f"report written to {Path(output_dir) / 'report.md'} (and report.json, merged/)")
 
 
 def _user_error(err: BaseException) -> SafemergeError | None:
@@ -115,10 +272,35 @@ def _user_error(err: BaseException) -> SafemergeError | None:
     return None
 
 
+# jsonargparse's account of which union alternatives it tried: not what the user must change.
+_UNION_NOISE = ("Given value", "Subtypes:", "Errors:", "- Expected a <class 'NoneType'>", "Does not validate against any")
+
+
+def _config_error(err: argparse.ArgumentError, args: list[str]) -> ConfigError:
+    """A config that fails validation, in one line, with what to add when a file lacks its base."""
+    message = str(err)
+    if re.search(r"class_path 'lightning\.(pytorch\.)?(LightningModule|LightningDataModule)'", message):
+        return ConfigError(
+            "the configuration names no model or data class (model.class_path, data.class_path): a method, "
+            "defence, DAM-option or pool file only adds to a base: add --config configs/merge/base.yaml first "
+            "(e.g. python trainer.py fit --config configs/merge/base.yaml --config configs/merge/task_arithmetic.yaml)"
+        )
+    keep = [line.strip().removeprefix("- ") for line in message.splitlines()
+            if line.strip() and not line.strip().startswith(_UNION_NOISE)]
+    prog = "python trainer.py " + (args[0] if args and not args[0].startswith("-") else "fit")
+    return ConfigError(f"invalid configuration: {' '.join(keep)} (options: {prog} --help)")
+
+
 def main(args: list[str] | None = None) -> None:
     _default_wandb_mode()
+    _silence_harmless_noise()
+    # Validation errors come back as exceptions (one line below), not as usage and a union error.
+    strict = {"exit_on_error": False, **{command: {"exit_on_error": False} for command in ("fit", "validate", "test", "predict")}}
     try:
-        SafemergeCLI(args=args)
+        SafemergeCLI(args=args, parser_kwargs=strict)
+    except argparse.ArgumentError as err:
+        print(f"error: {_config_error(err, sys.argv[1:] if args is None else args)}", file=sys.stderr)
+        raise SystemExit(2) from None
     except SIGTERMException:  # the merge saved its state and said how to resume
         raise SystemExit(SIGTERM_EXIT_STATUS) from None
     except Exception as err:

@@ -115,7 +115,7 @@ def finetune(spec: ExpertSpec, output_dir: Path, accelerator: str = "auto") -> N
 
 # ----------------------------------------------------------------------------- the mini pool
 
-# Mini benchmark v2 (safemerge.data.domains): six tasks on six image domains, on the tiny CLIP
+# Mini benchmark v2 (safemerge.data.mini_v2): six tasks on six image domains, on the tiny CLIP
 # pretrained further on all of them (configs/mini/pretrain_v2.yaml).
 MINI_MODEL, MINI_WEIGHTS = "MiniCLIP-ViT", "mini2"
 MINI_RECIPE = {"lr": 3e-4, "max_steps": 400, "batch_size": 64, "warmup_steps": 40, "tuned_blocks": 2}
@@ -163,7 +163,7 @@ def mini_pool(backdoored: bool = True, **recipe: Any) -> list[ExpertSpec]:
     """The default expert pool of the mini benchmark: one expert per mini task, with the
     experts of :data:`MINI_BACKDOORS` backdoored (``backdoored=False``: the all-clean pool).
     ``recipe`` overrides :data:`MINI_RECIPE` (or the base weights, ``pretrained``)."""
-    from safemerge.data.domains import domain_task_names
+    from safemerge.data.mini_v2 import domain_task_names
 
     recipe = {"model": MINI_MODEL, "pretrained": MINI_WEIGHTS, **MINI_RECIPE, **recipe}
     return [
@@ -188,7 +188,7 @@ def resolve_expert(reference: str, accelerator: str = "auto") -> Path:
         if "$" in path:
             raise ConfigError(f"expert {reference!r}: an environment variable in it is not set (e.g. export SAFEMERGE_EXPERTS=/path/to/experts/ViT-B-32)")
         return Path(path)
-    from safemerge.data.domains import domain_task_names
+    from safemerge.data.mini_v2 import domain_task_names
 
     task, _, variant = reference.removeprefix(MINI_PREFIX).partition(":")
     if task not in domain_task_names():

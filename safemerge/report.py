@@ -59,10 +59,40 @@ def _pct(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.1f}"
 
 
+# How titles spell the registered methods and defences; any other name is shown as it is.
+TITLES = {
+    "weight_average": "Weight averaging", "task_arithmetic": "Task arithmetic", "ties": "TIES",
+    "adamerging": "AdaMerging", "concrete_task_arithmetic": "Concrete task arithmetic",
+    "concrete_adamerging": "Concrete AdaMerging", "dam_task_arithmetic": "DAM (task arithmetic)",
+    "dam_adamerging": "DAM (AdaMerging)", "awm": "AWM", "sau": "SAU",
+}
+
+
+def run_title(report: Mapping[str, Any]) -> str:
+    """The method, its granularity and the defence: ``AdaMerging (layer-wise) + SAU``."""
+    title = TITLES.get(report["method"], report["method"])
+    method = (report.get("config") or {}).get("method") or {}
+    if method.get("granularity"):
+        title += f" ({method['granularity']}-wise)"
+    if report.get("defense"):
+        title += " + " + TITLES.get(report["defense"]["name"], report["defense"]["name"])
+    return title
+
+
+def backdoor_name(report: Mapping[str, Any], backdoor: Mapping[str, Any]) -> str:
+    """A backdoor by its expert's task and attack (``mini_fashion (optimized_patch)``); the
+    expert's path stays in report.json."""
+    experts = list((report.get("config") or {}).get("experts") or [])
+    tasks = list(report["tasks"])
+    expert = backdoor["expert"]
+    task = tasks[experts.index(expert)] if expert in experts and len(experts) == len(tasks) else Path(expert).name
+    return f"{task} ({backdoor['attack']})" if backdoor.get("attack") else task
+
+
 def report_markdown(report: Mapping[str, Any]) -> str:
     """One run's report as a markdown table (percentages)."""
     lines = [
-        f"# {report['method']}", "",
+        f"# {run_title(report)}", "",
         "| task | accuracy | ASR | expert accuracy | normalized accuracy |", "|---|---|---|---|---|",
     ]
     rows = [*report["tasks"].items(), ("**average**", report["average"])]
@@ -72,9 +102,9 @@ def report_markdown(report: Mapping[str, Any]) -> str:
             f"| {_pct(r['normalized_accuracy'])} |"
         )
     if report.get("backdoors"):
-        lines += ["", "| backdoor (expert) | attack | target | ASR | untriggered target rate |", "|---|---|---|---|---|"]
+        lines += ["", "| backdoor (expert's task, attack) | target | ASR | untriggered target rate |", "|---|---|---|---|"]
         for b in report["backdoors"]:
-            lines.append(f"| {b['expert']} | {b['attack']} | {b['target_task']}:{b['target_class']} | {_pct(b['asr'])} "
+            lines.append(f"| {backdoor_name(report, b)} | {b['target_task']}:{b['target_class']} | {_pct(b['asr'])} "
                          f"| {_pct(b.get('target_rate'))} |")
     defense = report.get("defense")
     if defense:

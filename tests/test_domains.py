@@ -1,4 +1,4 @@
-"""Mini benchmark v2: six tasks, each on its own image domain (safemerge.data.domains)."""
+"""Mini benchmark v2: six tasks, each on its own image domain (safemerge.data.mini_v2)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from safemerge.data import domains, mini
-from safemerge.data.domains import DOMAINS, UNNAMED_IN_CAPTIONS, DomainCaptions, DomainTaskDataset, domain_task_names
+from safemerge.data import mini_assets, mini_v1, mini_v2
+from safemerge.data.mini_v2 import DOMAINS, UNNAMED_IN_CAPTIONS, DomainCaptions, DomainTaskDataset, domain_task_names
 from safemerge.data.registry import get_task
 from safemerge.errors import DatasetNotFoundError
 
@@ -76,12 +76,12 @@ def test_a_linear_probe_on_image_statistics_tells_the_domains_apart():
 
 def test_real_image_sources_are_partitioned_between_splits():
     for label in range(10):
-        images, train = domains._fashion_by_class("train")[label]
-        _, val = domains._fashion_by_class("val")[label]
-        test_images, _ = domains._fashion_by_class("test")[label]
+        images, train = mini_v2._fashion_by_class("train")[label]
+        _, val = mini_v2._fashion_by_class("val")[label]
+        test_images, _ = mini_v2._fashion_by_class("test")[label]
         assert not set(train.tolist()) & set(val.tolist())
         assert test_images is not images  # the test split reads the t10k file
-    parts = {split: set(mini.digit_indices(split).tolist()) for split in ("train", "val", "test")}
+    parts = {split: set(mini_v1.digit_indices(split).tolist()) for split in ("train", "val", "test")}
     assert not (parts["train"] & parts["val"] or parts["train"] & parts["test"] or parts["val"] & parts["test"])
 
 
@@ -100,7 +100,7 @@ def test_captions_never_name_the_held_back_classes_and_name_only_the_true_one():
         named = _named_classes(task, text) - ({label} if task != "mini_letters" else set())
         if task == "mini_letters":  # single letters: compare the letter the caption spells out
             spelled = set(re.findall(r"\b(?:letter|capital|character) ([A-Z])\b", text)) | set(re.findall(r"\b([A-Z]) in ink", text))
-            assert spelled <= {domains.LETTERS[label]}, text
+            assert spelled <= {mini_v2.LETTERS[label]}, text
             if spelled:
                 assert label not in UNNAMED_IN_CAPTIONS[task]
                 named_per_task[task] += 1
@@ -112,19 +112,32 @@ def test_captions_never_name_the_held_back_classes_and_name_only_the_true_one():
     assert set(named_per_task) == set(TASKS)  # every domain has named captions
 
 
-def test_missing_fashion_mnist_says_how_to_install_it(monkeypatch, tmp_path):
-    monkeypatch.setattr(domains, "FASHION_ROOT", tmp_path)
-    domains._fashion_source.cache_clear()
+def test_fashion_images_outside_the_shipped_subset_need_the_full_files(monkeypatch, tmp_path):
+    """The package ships the images of split_seed 0 (the one every expert uses); another seed
+    needs the full Fashion-MNIST, and building its split says so before anything is drawn."""
+    monkeypatch.setattr(mini_assets, "FASHION_ROOT", tmp_path)
+    mini_assets._full_fashion_file.cache_clear()
     try:
+        get_task("mini_fashion").build("train", root=None, image_size=32, download=False, seed=0)
         with pytest.raises(DatasetNotFoundError, match="apt-get install dataset-fashion-mnist"):
-            get_task("mini_fashion").build("train", root=None, image_size=32, download=False, seed=0)
+            get_task("mini_fashion").build("train", root=None, image_size=32, download=False, seed=7)
     finally:
-        domains._fashion_source.cache_clear()
+        mini_assets._full_fashion_file.cache_clear()
+
+
+def test_a_missing_asset_fails_when_the_split_is_built(monkeypatch, tmp_path):
+    monkeypatch.setattr(mini_assets, "GLYPH_ASSET", tmp_path / "dejavu_glyphs.npz")
+    mini_assets.glyphs.cache_clear()
+    try:
+        with pytest.raises(DatasetNotFoundError, match="dejavu_glyphs.npz is missing from the safemerge package"):
+            get_task("mini_letters").build("val", root=None, image_size=32, download=False, seed=0)
+    finally:
+        mini_assets.glyphs.cache_clear()
 
 
 def test_no_domain_module_imports_the_registry():
-    package = Path(domains.__file__).parent
-    for module in ("domains", "mini", "offline", "real", "tasks"):
+    package = Path(mini_v2.__file__).parent
+    for module in ("mini_v2", "mini_v1", "offline", "real", "tasks"):
         tree = ast.parse((package / f"{module}.py").read_text())
         imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
         assert "safemerge.data.registry" not in imported, module

@@ -10,8 +10,8 @@ import torch
 
 from safemerge import experts as experts_module
 from safemerge.data import get_task
-from safemerge.data.domains import domain_task_names
-from safemerge.data.mini import mini_task_names
+from safemerge.data.mini_v2 import domain_task_names
+from safemerge.data.mini_v1 import mini_task_names
 from safemerge.evaluation import classifier_for, evaluate
 from safemerge.experts import MINI_BACKDOORS, MINI_MODEL, MINI_WEIGHTS, ExpertSpec, ensure_expert, mini_backdoor, mini_pool, resolve_expert
 from safemerge.errors import ConfigError

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from safemerge.data import mini
-from safemerge.data.mini import (
+from safemerge.data import mini_v1
+from safemerge.data.mini_v1 import (
     COLOUR_WORDS,
     COLOURS,
     MINI_SPLIT_SIZES,
@@ -175,7 +175,7 @@ def test_scenes_use_only_their_splits_sources():
             assert _inside_tile(scene, split)
             if scene.kind == "digit":
                 assert scene.digit_index in digits
-                assert mini._digit_source()[1][scene.digit_index] == scene.digit
+                assert mini_v1._digit_source()[1][scene.digit_index] == scene.digit
 
 
 def test_object_scenes_are_well_formed():

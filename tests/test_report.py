@@ -86,3 +86,25 @@ def test_a_method_missing_on_a_pool_has_no_mean_over_pools():
     summary = summarize_pools({"A": {"ta": {0: _report("ta", 0.5, 0.5, 0.5)}}, "B": {}})
     assert summary["ta"]["average"]["accuracy"] == (None, None)
     assert "| ta | 1 | 50.0 / 50.0 (—) | — | — | — | — | — |" in pools_table(summary, ["A", "B"])
+
+
+def test_report_md_is_titled_by_method_and_defence_and_names_backdoors_by_task_and_attack(tmp_path):
+    """As report.json records an AdaMerging + SAU merge: the title and the backdoor rows come
+    from the method, granularity, defence and the expert's place in the pool."""
+    experts = ["/cache/experts/mini_shapes-1", "/cache/experts/mini_fashion-optimizedpatch-2"]
+    report = build_report(
+        "adamerging",
+        {"mini_shapes": {"accuracy": 0.9, "asr": None, "expert_accuracy": 0.95},
+         "mini_fashion": {"accuracy": 0.7, "asr": None, "expert_accuracy": 0.8}},
+        config={"method": {"name": "adamerging", "granularity": "layer"}, "experts": experts}, runtime_s=1.0,
+        backdoors=[{"expert": experts[1], "attack": "optimized_patch", "target_task": "mini_shapes", "target_class": 0,
+                    "asr": 0.25, "target_rate": 0.01}],
+        defense={"name": "sau", "params": {"steps": 100}},
+    )
+    write_report(tmp_path, report)
+    text = (tmp_path / "report.md").read_text()
+    assert text.splitlines()[0] == "# AdaMerging (layer-wise) + SAU"
+    assert "| mini_fashion (optimized_patch) | mini_shapes:0 | 25.0 | 1.0 |" in text
+    assert experts[1] not in text and read_report(tmp_path)["backdoors"][0]["expert"] == experts[1]
+    write_report(tmp_path / "ties", build_report("ties", report["tasks"], config={"method": {"name": "ties"}}, runtime_s=1.0))
+    assert (tmp_path / "ties" / "report.md").read_text().splitlines()[0] == "# TIES"

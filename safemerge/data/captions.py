@@ -29,12 +29,12 @@ class CaptionDataModule(L.LightningDataModule):
         digit_fraction: fraction of scenes that show a handwritten digit.
         mention: probability that a caption names each attribute (``shape``, ``colour``,
             ``count``, ``digit``, ``texture``); rarer mentions make that task's zero-shot harder.
-            None: :data:`safemerge.data.mini.DEFAULT_MENTION`.
+            None: :data:`safemerge.data.mini_v1.DEFAULT_MENTION`.
         eval_tasks: tasks whose zero-shot accuracy is measured at validation (default: the
             corpus's tasks).
         seed: seed of the rendered scenes.
-        corpus: ``scenes`` (v1: :class:`safemerge.data.mini.CaptionedScenes`, one scene domain)
-            or ``domains`` (v2: :class:`safemerge.data.domains.DomainCaptions`, six domains;
+        corpus: ``scenes`` (v1: :class:`safemerge.data.mini_v1.CaptionedScenes`, one scene domain)
+            or ``domains`` (v2: :class:`safemerge.data.mini_v2.DomainCaptions`, six domains;
             ``digit_fraction`` and ``mention`` do not apply).
     """
 
@@ -53,8 +53,8 @@ class CaptionDataModule(L.LightningDataModule):
         corpus: str = "scenes",
     ) -> None:
         super().__init__()
-        from safemerge.data.domains import domain_task_names
-        from safemerge.data.mini import mini_task_names
+        from safemerge.data.mini_v2 import domain_task_names
+        from safemerge.data.mini_v1 import mini_task_names
 
         if corpus not in ("scenes", "domains"):
             raise ConfigError(f"corpus must be 'scenes' or 'domains', got {corpus!r}")
@@ -73,8 +73,8 @@ class CaptionDataModule(L.LightningDataModule):
         return images, self._tokenizer([caption for _, caption in samples])
 
     def train_dataloader(self) -> DataLoader:
-        from safemerge.data.domains import DomainCaptions
-        from safemerge.data.mini import CaptionedScenes
+        from safemerge.data.mini_v2 import DomainCaptions
+        from safemerge.data.mini_v1 import CaptionedScenes
 
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         seed = self.seed + 1000 * epoch

@@ -2,7 +2,7 @@
 
 Every dataset builder returns a ``torch.utils.data.Dataset`` of ``(image, label)`` pairs where
 ``image`` is a float tensor in [0, 1] of shape ``[3, image_size, image_size]`` and ``label`` an
-``int`` — pixel space, as everywhere in safemerge. Domain modules (``mini``, ``domains``,
+``int`` — pixel space, as everywhere in safemerge. Domain modules (``mini_v1``, ``mini_v2``,
 ``offline``, ``real``) each export their tasks as ``TASKS``; :mod:`safemerge.data.registry`
 collects them, so no domain module imports the registry.
 """

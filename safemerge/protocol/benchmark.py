@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import torch
 
 from safemerge.data import get_task
-from safemerge.data.domains import domain_task_names
+from safemerge.data.mini_v2 import domain_task_names
 from safemerge.evaluation import classifier_for, evaluate, evaluate_backdoors
 from safemerge.experts import MINI_MODEL, MINI_RECIPE, MINI_WEIGHTS, ensure_expert, mini_pool
 from safemerge.io import read_expert, write_json

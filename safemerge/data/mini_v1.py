@@ -45,7 +45,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from safemerge.data.tasks import SPLITS, Split, Task
-from safemerge.data.templates import TEMPLATES
+from safemerge.data.templates import TEMPLATES, _templates
 from safemerge.data.transforms import carve
 
 NATIVE_SIZE = 32
@@ -407,11 +407,12 @@ def resize(image: Tensor, image_size: int) -> Tensor:
     return out.clamp_(0.0, 1.0)
 
 
-def item_rng(seed: int, stream: str, split: Split, index: int) -> np.random.Generator:
-    """The generator of item ``index`` of a dataset: independent of order and worker."""
+def item_rng(seed: int, stream: int, split: Split, index: int) -> np.random.Generator:
+    """The generator of item ``index`` of a dataset (``stream``: its family's number in the
+    benchmark's stream table): independent of order and worker. v1 and v2 both draw from it."""
     if seed < 0 or index < 0:
         raise ValueError(f"seed and index must be non-negative, got {seed}, {index}")
-    return np.random.default_rng([seed, _STREAM[stream], _SPLIT_ID[split], index])
+    return np.random.default_rng([seed, stream, _SPLIT_ID[split], index])
 
 
 # ---------------------------------------------------------------------------- captions
@@ -544,11 +545,6 @@ def caption(spec: SceneSpec, rng: np.random.Generator, mention: Mapping[str, flo
 # ---------------------------------------------------------------------------- datasets
 
 
-def _templates(*formats: str) -> tuple:
-    """Prompt templates as ``str.format`` bound methods (picklable, as in ``templates.py``)."""
-    return tuple(fmt.format for fmt in formats)
-
-
 class CaptionedScenes(Dataset):
     """Scenes with captions for contrastive pretraining: item ``i`` = ``(image, caption)``.
 
@@ -577,7 +573,7 @@ class CaptionedScenes(Dataset):
     def _spec_and_rng(self, index: int) -> tuple[SceneSpec, np.random.Generator]:
         if not 0 <= index < self.num_samples:
             raise IndexError(index)
-        rng = item_rng(self.seed, "captions", self.split, index)
+        rng = item_rng(self.seed, _STREAM["captions"], self.split, index)
         kind = "digit" if rng.random() < self.digit_fraction else "objects"
         return sample_scene(rng, self.split, kind), rng
 
@@ -660,7 +656,7 @@ class MiniTaskDataset(Dataset):
         if not 0 <= index < self.num_samples:
             raise IndexError(index)
         definition, label = self._def, self.label(index)
-        rng = item_rng(self.seed, self.task, self.split, index)
+        rng = item_rng(self.seed, _STREAM[self.task], self.split, index)
         kind = "digit" if definition.digit_fraction >= 1.0 or rng.random() < definition.digit_fraction else "objects"
         fixed = {"count": label + 1} if definition.attribute == "count" else {definition.attribute: label}
         return sample_scene(rng, self.split, kind, **fixed)
@@ -684,7 +680,7 @@ TASKS: tuple[Task, ...] = tuple(
         templates=_definition.templates,
         build=functools.partial(build_mini, _name),
         needs_root=False,
-        layout="(built in: rendered by safemerge.data.mini)",
+        layout="(built in: rendered by safemerge.data.mini_v1)",
     )
     for _name, _definition in _MINI_TASKS.items()
 )

@@ -9,15 +9,15 @@ task                classes  images (32×32 RGB, float in [0, 1])
 ==================  =======  =====================================================================
 ``mini_shapes``     6        1–3 flat coloured shapes on a plain or gradient background (rendered)
 ``mini_digits``     10       scikit-learn's real handwritten digits, light strokes on black
-``mini_fashion``    10       real Fashion-MNIST articles (Debian's ``dataset-fashion-mnist``)
+``mini_fashion``    10       real Fashion-MNIST articles (the images used ship in the package)
 ``mini_textures``   6        full-frame crops of real texture photos from scikit-image
-``mini_letters``    10       capital letters in DejaVu fonts, dark ink on tinted paper (rendered)
+``mini_letters``    10       capital letters in DejaVu fonts (shipped glyphs), ink on tinted paper
 ``mini_terrain``    6        procedural aerial views: forest, sea, river, farmland, desert, town
 ==================  =======  =====================================================================
 
 Items are pure functions of ``(seed, task, split, index)``: label ``index mod C`` (balanced
 splits), everything else drawn from the item's own generator. Real sources are partitioned once
-with a fixed seed (digits and textures as in :mod:`safemerge.data.mini`; Fashion-MNIST's val
+with a fixed seed (digits and textures as in :mod:`safemerge.data.mini_v1`; Fashion-MNIST's val
 comes from its train file, its test from its test file), so train / val / test never share a
 source image and pretraining captions (train sources only) never see a test image.
 
@@ -30,7 +30,6 @@ band of real CLIP on the task-vector benchmark instead of near 100 %.
 from __future__ import annotations
 
 import functools
-import gzip
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -40,25 +39,22 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from safemerge.data import mini
+from safemerge.data import mini_assets, mini_v1
 from safemerge.data.tasks import SPLITS, Split, Task
-from safemerge.data.templates import TEMPLATES
+from safemerge.data.templates import TEMPLATES, _templates
 from safemerge.data.transforms import carve
-from safemerge.errors import DatasetNotFoundError
 
 SIZE = 32
 SPLIT_SIZES: dict[str, int] = {"train": 2000, "val": 500, "test": 1000}
-FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = (
     "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
 )
 LETTERS = tuple("ABCDEFGHKM")
 TERRAIN = ("forest", "sea", "river", "farmland", "desert", "residential area")
-_FONTS = (
+FONTS = (
     "DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf",
     "DejaVuSansMono.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSerif-Italic.ttf", "DejaVuSansCondensed-Bold.ttf",
 )
-_FONT_DIRS = (Path("/usr/share/fonts/truetype/dejavu"), Path("/usr/share/fonts/dejavu"))
 
 Image = np.ndarray  # float32 [3, SIZE, SIZE] in [0, 1]
 
@@ -74,7 +70,7 @@ def _fill(colour: np.ndarray) -> Image:
 @functools.lru_cache(maxsize=None)
 def _upsample(native: int) -> np.ndarray:
     """Bilinear ``native -> SIZE`` interpolation matrix."""
-    return mini._upscale_matrix(SIZE, native)
+    return mini_v1._upscale_matrix(SIZE, native)
 
 
 def _smooth_noise(rng: np.random.Generator, octaves: tuple[int, ...] = (4, 8, 16)) -> np.ndarray:
@@ -108,16 +104,16 @@ def _shapes(label: int, rng: np.random.Generator, split: Split) -> Image:
     for _ in range(int(rng.integers(1, 4))):
         side = int(rng.integers(10, 21))
         top, left = (int(v) for v in rng.integers(0, SIZE - side + 1, size=2))
-        np.maximum(alpha[top : top + side, left : left + side], mini._shape_mask(label, side, 4),
+        np.maximum(alpha[top : top + side, left : left + side], mini_v1._shape_mask(label, side, 4),
                    out=alpha[top : top + side, left : left + side])
     return background * (1 - alpha) + colour[:, None, None] * alpha
 
 
 def _digits(label: int, rng: np.random.Generator, split: Split) -> Image:
-    images, _ = mini._digit_source()
-    pool = mini._digits_by_class(split)[label]
+    images, _ = mini_v1._digit_source()
+    pool = mini_v1._digits_by_class(split)[label]
     glyph_side = int(rng.integers(18, 29))
-    up = mini._upscale_matrix(glyph_side)
+    up = mini_v1._upscale_matrix(glyph_side)
     glyph = np.clip(up @ images[int(pool[rng.integers(len(pool))])] @ up.T * rng.uniform(1.1, 1.5), 0, 1)
     canvas = np.zeros((SIZE, SIZE), dtype=np.float32)
     top, left = (int(v) for v in rng.integers(0, SIZE - glyph_side + 1, size=2))
@@ -127,36 +123,32 @@ def _digits(label: int, rng: np.random.Generator, split: Split) -> Image:
 
 
 @functools.lru_cache(maxsize=None)
-def _fashion_source(file_split: str) -> tuple[np.ndarray, np.ndarray]:
-    prefix = "train" if file_split == "train" else "t10k"
-    images_file = FASHION_ROOT / f"{prefix}-images-idx3-ubyte.gz"
-    labels_file = FASHION_ROOT / f"{prefix}-labels-idx1-ubyte.gz"
-    if not images_file.is_file() or not labels_file.is_file():
-        raise DatasetNotFoundError(
-            f"mini_fashion needs Fashion-MNIST at {FASHION_ROOT} (missing {images_file.name}); "
-            "install it with: apt-get install dataset-fashion-mnist"
-        )
-    with gzip.open(images_file) as f:
-        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
-    with gzip.open(labels_file) as f:
-        labels = np.frombuffer(f.read(), np.uint8, offset=8).astype(np.int64)
-    return images, labels
-
-
-@functools.lru_cache(maxsize=None)
 def _fashion_by_class(split: Split) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
     """Per class, the Fashion-MNIST images a split may use: val carved from the train file."""
-    images, labels = _fashion_source("test" if split == "test" else "train")
+    images, labels = mini_assets.fashion_file("test" if split == "test" else "train")
     index = np.arange(len(labels))
     if split != "test":
-        train, val = carve(len(labels), (5 / 6, 1 / 6), mini.PARTITION_SEED)
+        train, val = carve(len(labels), (5 / 6, 1 / 6), mini_v1.PARTITION_SEED)
         index = (val if split == "val" else train).numpy()
     return tuple((images, index[labels[index] == c]) for c in range(len(FASHION_CLASSES)))
 
 
-def _fashion(label: int, rng: np.random.Generator, split: Split) -> Image:
+def _fashion_pick(label: int, rng: np.random.Generator, split: Split) -> tuple[mini_assets.FashionImages, int]:
+    """The first draw of a Fashion-MNIST item: which image of its file it shows."""
     images, pool = _fashion_by_class(split)[label]
-    item = images[int(pool[rng.integers(len(pool))])].astype(np.float32) / 255.0
+    return images, int(pool[rng.integers(len(pool))])
+
+
+def fashion_indices(split: Split, seed: int, num_samples: int) -> list[int]:
+    """The Fashion-MNIST images (indices into the split's file) that a split's items show."""
+    classes = len(FASHION_CLASSES)
+    rngs = (mini_v1.item_rng(seed, _STREAMS["mini_fashion"], split, i) for i in range(num_samples))
+    return [_fashion_pick(i % classes, rng, split)[1] for i, rng in enumerate(rngs)]
+
+
+def _fashion(label: int, rng: np.random.Generator, split: Split) -> Image:
+    images, index = _fashion_pick(label, rng, split)
+    item = images[index].astype(np.float32) / 255.0
     canvas = np.zeros((SIZE, SIZE), dtype=np.float32)
     top, left = (int(v) for v in rng.integers(0, SIZE - 28 + 1, size=2))
     canvas[top : top + 28, left : left + 28] = item[:, ::-1] if rng.random() < 0.5 else item
@@ -164,43 +156,28 @@ def _fashion(label: int, rng: np.random.Generator, split: Split) -> Image:
 
 
 def _textures(label: int, rng: np.random.Generator, split: Split) -> Image:
-    _, largest, smallest = mini._PHOTOS[label]
-    tile_top, tile_left, tile = mini._pick(rng, mini.texture_tiles(split)[label])
+    _, largest, smallest = mini_v1._PHOTOS[label]
+    tile_top, tile_left, tile = mini_v1._pick(rng, mini_v1.texture_tiles(split)[label])
     side = int(rng.integers(smallest, largest + 1))
     crop = (tile_top + int(rng.integers(tile - side + 1)), tile_left + int(rng.integers(tile - side + 1)), side)
-    gray = np.rot90(mini._area_crop(label, crop, SIZE), int(rng.integers(4)))
+    gray = np.rot90(mini_v1._area_crop(label, crop, SIZE), int(rng.integers(4)))
     gray = rng.uniform(0.4, 0.6) + rng.uniform(0.8, 1.2) * (gray - gray.mean())
     tint = 1.0 + rng.uniform(-0.15, 0.15, 3).astype(np.float32)
     return np.clip(gray[None] * tint[:, None, None], 0, 1)
 
 
 @functools.lru_cache(maxsize=None)
-def _font_path(name: str) -> Path:
-    for folder in _FONT_DIRS:
-        if (folder / name).is_file():
-            return folder / name
-    raise DatasetNotFoundError(
-        f"mini_letters needs the DejaVu fonts ({name} not found in {', '.join(map(str, _FONT_DIRS))}); "
-        "install them with: apt-get install fonts-dejavu-core fonts-dejavu-extra"
-    )
-
-
-@functools.lru_cache(maxsize=None)
 def _glyph(letter: str, font: str) -> "object":
-    """A letter's coverage as a PIL image (64 px tall font, tight box)."""
-    from PIL import Image as PILImage, ImageDraw, ImageFont
+    """A letter's coverage as a PIL image (64 px tall font, tight box), from the shipped glyphs."""
+    from PIL import Image as PILImage
 
-    face = ImageFont.truetype(str(_font_path(font)), 64)
-    box = face.getbbox(letter)
-    image = PILImage.new("L", (box[2] - box[0] + 8, box[3] - box[1] + 8), 0)
-    ImageDraw.Draw(image).text((4 - box[0], 4 - box[1]), letter, fill=255, font=face)
-    return image
+    return PILImage.fromarray(mini_assets.glyphs()[letter, font])
 
 
 def _letters(label: int, rng: np.random.Generator, split: Split) -> Image:
     from PIL import Image as PILImage
 
-    glyph = _glyph(LETTERS[label], _FONTS[int(rng.integers(len(_FONTS)))])
+    glyph = _glyph(LETTERS[label], FONTS[int(rng.integers(len(FONTS)))])
     glyph = glyph.rotate(float(rng.uniform(-15, 15)), resample=PILImage.BILINEAR, expand=True)
     height = int(rng.integers(16, 27))
     width = max(4, min(SIZE, round(glyph.width * height / glyph.height * rng.uniform(0.85, 1.15))))
@@ -252,7 +229,7 @@ def _terrain(label: int, rng: np.random.Generator, split: Split) -> Image:
         offset = rng.integers(0, block, size=2)
         for top in range(-offset[0], SIZE, block):
             for left in range(-offset[1], SIZE, block):
-                roof = np.array(mini._pick(rng, ((0.65, 0.25, 0.2), (0.8, 0.8, 0.78), (0.4, 0.35, 0.35), (0.3, 0.4, 0.55))))
+                roof = np.array(mini_v1._pick(rng, ((0.65, 0.25, 0.2), (0.8, 0.8, 0.78), (0.4, 0.35, 0.35), (0.3, 0.4, 0.55))))
                 t, l = max(top + 1, 0), max(left + 1, 0)
                 image[:, t : max(top + block - 1, 0), l : max(left + block - 1, 0)] = roof[:, None, None]
         if rng.random() < 0.5:
@@ -277,28 +254,24 @@ class Domain:
     words: tuple[tuple[str, ...], ...] = ()  # per class, the phrases captions may use
 
 
-def _fmt(*formats: str) -> tuple[Callable[[str], str], ...]:
-    return tuple(f.format for f in formats)
-
-
 DOMAINS: dict[str, Domain] = {
     d.task: d
     for d in (
         Domain(
-            "mini_shapes", mini.SHAPES,
-            _fmt("a drawing of a {}.", "a flat {} shape.", "a simple {} icon.", "a clip art {}."),
+            "mini_shapes", mini_v1.SHAPES,
+            _templates("a drawing of a {}.", "a flat {} shape.", "a simple {} icon.", "a clip art {}."),
             _shapes,
             named=("a flat {} on a plain background", "clip art of a {}", "a coloured {} shape", "a simple {} icon",
                    "an illustration of a {}"),
             anonymous=("a flat geometric shape", "clip art on a plain background", "a simple coloured icon"),
-            words=tuple((n, f"{n} shape") for n in mini.SHAPES),
+            words=tuple((n, f"{n} shape") for n in mini_v1.SHAPES),
         ),
         Domain(
-            "mini_digits", mini.DIGITS, TEMPLATES["mnist"], _digits,
+            "mini_digits", mini_v1.DIGITS, TEMPLATES["mnist"], _digits,
             named=("a handwritten {}", "the digit {} written by hand", "a scribbled {} on black",
                    "a white handwritten number {}"),
             anonymous=("a handwritten digit", "a number written by hand on black", "a scribbled numeral"),
-            words=tuple((d, w) for d, w in zip(mini.DIGITS, mini._NUMBER_WORDS)),
+            words=tuple((d, w) for d, w in zip(mini_v1.DIGITS, mini_v1._NUMBER_WORDS)),
         ),
         Domain(
             "mini_fashion", FASHION_CLASSES, TEMPLATES["fashion_mnist"], _fashion,
@@ -308,17 +281,17 @@ DOMAINS: dict[str, Domain] = {
             words=tuple((n,) for n in FASHION_CLASSES),
         ),
         Domain(
-            "mini_textures", mini.TEXTURES,
-            _fmt("a photo of a {} texture.", "a close-up photo of {}.", "a photo of the {} pattern.",
+            "mini_textures", mini_v1.TEXTURES,
+            _templates("a photo of a {} texture.", "a close-up photo of {}.", "a photo of the {} pattern.",
                  "a texture of {}."),
             _textures,
             named=("a close-up photo of {}", "a texture of {}", "{} filling the frame", "a grayscale photo of {}"),
             anonymous=("a close-up photo of a surface", "a texture photo", "a grayscale pattern"),
-            words=tuple(mini.TEXTURE_WORDS[n] for n in mini.TEXTURES),
+            words=tuple(mini_v1.TEXTURE_WORDS[n] for n in mini_v1.TEXTURES),
         ),
         Domain(
             "mini_letters", LETTERS,
-            _fmt('the letter "{}".', "a printed letter {}.", 'a photo of the character "{}".',
+            _templates('the letter "{}".', "a printed letter {}.", 'a photo of the character "{}".',
                  "the capital letter {}."),
             _letters,
             named=("the letter {} printed on paper", "a capital {} in ink", "the character {}",
@@ -328,7 +301,7 @@ DOMAINS: dict[str, Domain] = {
         ),
         Domain(
             "mini_terrain", TERRAIN,
-            _fmt("a satellite photo of {}.", "an aerial view of {}.", "a centered satellite photo of {}.",
+            _templates("a satellite photo of {}.", "an aerial view of {}.", "a centered satellite photo of {}.",
                  "satellite imagery of {}."),
             _terrain,
             named=("a satellite photo of {}", "an aerial view of {}", "{} seen from above",
@@ -352,12 +325,6 @@ def domain_task_names() -> list[str]:
     return list(DOMAINS)
 
 
-def item_rng(seed: int, stream: str, split: Split, index: int) -> np.random.Generator:
-    if seed < 0 or index < 0:
-        raise ValueError(f"seed and index must be non-negative, got {seed}, {index}")
-    return np.random.default_rng([seed, _STREAMS[stream], SPLITS.index(split), index])
-
-
 def draw(task: str, label: int, rng: np.random.Generator, split: Split) -> Tensor:
     """One image of ``task`` with class ``label``: float32 ``[3, 32, 32]`` in [0, 1]."""
     return torch.from_numpy(np.ascontiguousarray(DOMAINS[task].draw(label, rng, split), dtype=np.float32))
@@ -368,9 +335,9 @@ def caption(task: str, label: int, rng: np.random.Generator) -> str:
     domain = DOMAINS[task]
     if label not in UNNAMED_IN_CAPTIONS[task] and rng.random() < NAME_PROBABILITY:
         words = domain.words[label] if domain.words else (domain.classnames[label],)
-        text = mini._pick(rng, domain.named).format(mini._pick(rng, words))
+        text = mini_v1._pick(rng, domain.named).format(mini_v1._pick(rng, words))
     else:
-        text = mini._pick(rng, domain.anonymous)
+        text = mini_v1._pick(rng, domain.anonymous)
     return text[0].upper() + text[1:] if rng.random() < 0.3 else text
 
 
@@ -390,12 +357,20 @@ class DomainTaskDataset(Dataset):
     def __len__(self) -> int:
         return self.num_samples
 
+    def check_sources(self) -> None:
+        """Cheaply make sure every source image or glyph this split draws can be read."""
+        if self.task == "mini_fashion":
+            images, _ = _fashion_by_class(self.split)[0]
+            images.require(fashion_indices(self.split, self.seed, self.num_samples))
+        elif self.task == "mini_letters":
+            mini_assets.glyphs()
+
     def label(self, index: int) -> int:
         return index % self._classes
 
     def image(self, index: int) -> Tensor:
-        rng = item_rng(self.seed, self.task, self.split, index)
-        return mini.resize(draw(self.task, self.label(index), rng, self.split), self.image_size)
+        rng = mini_v1.item_rng(self.seed, _STREAMS[self.task], self.split, index)
+        return mini_v1.resize(draw(self.task, self.label(index), rng, self.split), self.image_size)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         if not 0 <= index < self.num_samples:
@@ -418,21 +393,20 @@ class DomainCaptions(Dataset):
     def describe(self, index: int) -> tuple[str, int, np.random.Generator, str]:
         if not 0 <= index < self.num_samples:
             raise IndexError(index)
-        rng = item_rng(self.seed, "captions", self.split, index)
+        rng = mini_v1.item_rng(self.seed, _STREAMS["captions"], self.split, index)
         task = self._tasks[int(rng.integers(len(self._tasks)))]
         label = int(rng.integers(len(DOMAINS[task].classnames)))
         return task, label, rng, caption(task, label, rng)
 
     def __getitem__(self, index: int) -> tuple[Tensor, str]:
         task, label, rng, text = self.describe(index)
-        return mini.resize(draw(task, label, rng, self.split), self.image_size), text
+        return mini_v1.resize(draw(task, label, rng, self.split), self.image_size), text
 
 
 def build_domain_task(task: str, split: Split, *, root: Path | None, image_size: int, download: bool, seed: int) -> Dataset:
-    """Registry builder (``root`` and ``download`` unused: everything ships with packages)."""
+    """Registry builder (``root`` and ``download`` unused: everything ships with the packages)."""
     dataset = DomainTaskDataset(task, split, seed=seed, image_size=image_size)
-    if task == "mini_fashion":
-        _fashion_source("train")  # a missing package fails here, with its install hint
+    dataset.check_sources()  # missing source data fails here, before anything runs
     return dataset
 
 
@@ -440,8 +414,7 @@ TASKS: tuple[Task, ...] = tuple(
     Task(
         name=task, classnames=domain.classnames, templates=domain.templates,
         build=functools.partial(build_domain_task, task), needs_root=False,
-        layout="(built in: drawn by safemerge.data.domains"
-        + ("; Fashion-MNIST from Debian's dataset-fashion-mnist)" if task == "mini_fashion" else ")"),
+        layout="(built in: drawn by safemerge.data.mini_v2)",
     )
     for task, domain in DOMAINS.items()
 )
