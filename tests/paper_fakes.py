@@ -17,11 +17,11 @@ def fake_split(task, split, *, root, image_size, download, seed):
     return torch.utils.data.TensorDataset(images, torch.arange(IMAGES) % task.num_classes)
 
 
-def random_weights(model, pretrained, device):
+def random_weights(model, pretrained, device, quick_gelu=False):
     import open_clip
 
     torch.manual_seed(0)
-    return open_clip.create_model(model, device=device)
+    return open_clip.create_model(model, device=device, force_quick_gelu=quick_gelu)
 
 
 def random_head(clip, classnames, prompts):

@@ -8,6 +8,10 @@ Sources (public data, transcribed):
 * Class names: CLIP's ``data/prompts.md`` for every dataset it covers; SVHN's are MNIST's digits.
   Fashion-MNIST is not in either source: its names are the dataset's own labels and its
   templates a few CLIP-style ones.
+* The eight tasks of task arithmetic's pool (FusionBench's TA8) equal FusionBench's
+  ``fusion_bench/tasks/clip_classification`` lists and task_vectors' templates exactly, class
+  order included (``tests/test_fusionbench_pool.py``, against copies in ``tests/data/``): zero-shot
+  heads, and so accuracies, compare with their published tables.
 
 Label order: ``CLASSNAMES[name][i]`` is the name of label ``i`` *as torchvision (or
 ``ImageFolder``) numbers the classes*. Two of CLIP's lists are in a different order and are

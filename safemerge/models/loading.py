@@ -2,14 +2,16 @@
 weights file, or a custom architecture from a JSON config.
 
 Local weights are read through :mod:`safemerge.io` (never unpickling arbitrary objects).
+The activation follows the weights: a pretrained tag that open_clip's registry marks as trained
+with QuickGELU (OpenAI's, among others) gets QuickGELU towers (:func:`resolve_quick_gelu`).
 Weights that must come from the network fail fast with a message that says how to provide them
 locally.
 """
 
 from __future__ import annotations
 
-import json
 import hashlib
+import json
 import logging
 import os
 import socket
@@ -108,6 +110,7 @@ def load_clip(
             "give a custom architecture with config: path/to/Name.json"
         )
 
+    quick_gelu = resolve_quick_gelu(model, pretrained) if schema is None else False
     local_weights = bundled_weights(model, pretrained) if schema is None else None
     if schema == "local-dir":
         local_weights = _local_dir_weights(Path(model.removeprefix("local-dir:")))
@@ -121,9 +124,9 @@ def load_clip(
             # Build the architecture only; local weights are read safely below. (open_clip
             # would warn that the model is "initialized randomly".)
             with _quiet_open_clip():
-                clip = open_clip.create_model(model, load_weights=False, device=device)
+                clip = open_clip.create_model(model, load_weights=False, device=device, force_quick_gelu=quick_gelu)
         else:
-            clip = _create_with_downloaded_weights(model, pretrained if schema is None else None, device)
+            clip = _create_with_downloaded_weights(model, pretrained if schema is None else None, device, quick_gelu)
     except (RuntimeError, OSError, ValueError) as err:
         if schema == "local-dir":
             raise CheckpointError(f"cannot build {model!r}: {err}") from err
@@ -166,17 +169,45 @@ def _quiet_open_clip():
         root.setLevel(level)
 
 
-def _create_with_downloaded_weights(model: str, pretrained: str | None, device) -> nn.Module:
+def resolve_quick_gelu(model: str, pretrained: str | None) -> bool:
+    """Whether ``load_clip(model, pretrained)`` builds QuickGELU towers (open_clip's
+    ``force_quick_gelu``): yes for a tag open_clip's registry records as trained with QuickGELU
+    (``ViT-B-32`` + ``openai``), whatever the architecture's default, since open_clip 3 would
+    build GELU and only warn.
+
+    A ``-quickgelu`` architecture with weights trained with GELU is a ConfigError. (The one pair
+    of open_clip's own registry that disagrees, ``roberta-ViT-B-32`` + ``laion2b_s12b_b32k``,
+    has no GELU variant to point to; its architecture's setting is kept.) Without a tag (random
+    weights, a weights file, bundled weights) the architecture's setting stands: a file of
+    OpenAI's weights needs ``model: ViT-B-32-quickgelu``.
+    """
+    if not pretrained:
+        return False
+    tag = open_clip.get_pretrained_cfg(model, pretrained)
+    gelu_variant = model.removesuffix("-quickgelu") if model.endswith("-quickgelu") else None
+    if not tag and gelu_variant:
+        # open_clip lists only QuickGELU tags under -quickgelu names: a GELU tag is under the plain name.
+        gelu_tag = open_clip.get_pretrained_cfg(gelu_variant, pretrained)
+        if gelu_tag and not gelu_tag.get("quick_gelu", False):
+            raise ConfigError(
+                f"model {model!r} uses QuickGELU but the {pretrained!r} weights were trained with GELU; "
+                f"use model: {gelu_variant}"
+            )
+    return bool(tag.get("quick_gelu", False))
+
+
+def _create_with_downloaded_weights(model: str, pretrained: str | None, device, quick_gelu: bool = False) -> nn.Module:
     """Create a model whose weights come from a hub or URL: the local cache first, then the
     network only if it answers within seconds (so an offline machine fails fast)."""
     import huggingface_hub.constants as hub
 
     if pretrained and not open_clip.get_pretrained_cfg(model, pretrained):
         raise ValueError(f"{pretrained!r} is neither a known pretrained tag nor an existing file")
+    create = {"pretrained": pretrained, "device": device, "require_pretrained": True, "force_quick_gelu": quick_gelu}
     offline = hub.HF_HUB_OFFLINE
     hub.HF_HUB_OFFLINE = True
     try:
-        return open_clip.create_model(model, pretrained=pretrained, device=device, require_pretrained=True)
+        return open_clip.create_model(model, **create)
     except (RuntimeError, OSError, ValueError) as err:
         cache_error = err
     finally:
@@ -184,7 +215,7 @@ def _create_with_downloaded_weights(model: str, pretrained: str | None, device) 
     host = _weights_host(model, pretrained)
     if offline or not _reachable(host):
         raise RuntimeError(f"not in the local cache and {host} is not reachable ({_first_line(cache_error)})")
-    return open_clip.create_model(model, pretrained=pretrained, device=device, require_pretrained=True)
+    return open_clip.create_model(model, **create)
 
 
 def _weights_host(model: str, pretrained: str | None) -> str:
@@ -205,10 +236,13 @@ def _reachable(host: str, timeout: float = 3.0) -> bool:
 
 def weights_fingerprint(model: str, pretrained: str | None) -> str:
     """Identifies the weights ``load_clip(model, pretrained)`` loads: a content hash for local
-    files, the name and tag otherwise."""
+    files, the name and tag otherwise (marked when QuickGELU is forced onto a GELU architecture,
+    so experts fine-tuned before that fix, with GELU, no longer match)."""
     path = bundled_weights(model, pretrained) or (Path(pretrained) if pretrained and _looks_like_path(pretrained) else None)
     if path is None or not path.is_file():
-        return f"{model}:{pretrained}"
+        architecture = open_clip.get_model_config(model) or {}
+        forced = resolve_quick_gelu(model, pretrained) and not architecture.get("quick_gelu", False)
+        return f"{model}:{pretrained}" + ("+quickgelu" if forced else "")
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
