@@ -47,7 +47,8 @@ def test_the_pool_is_fusionbenchs_ta8_in_its_order():
 
 
 def test_the_recipe_downloads_and_converts_every_expert_of_the_pool():
-    recipe = (REPO / "docs" / "fusionbench_ta8.md").read_text()
+    readme = (REPO / "README.md").read_text()
+    recipe = readme[readme.index("### FusionBench's TA8 pool") :].split("\n## ", 1)[0]
     assert "openai/clip-vit-base-patch32" in recipe and "configs/paper/pools/fusionbench_ta8.yaml" in recipe
     for fusionbench, task in FUSIONBENCH_TASKS.items():
         assert f"tanganke/clip-vit-base-patch32_{fusionbench}" in recipe

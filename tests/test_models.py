@@ -98,3 +98,20 @@ def test_unavailable_weights_fail_fast_with_instructions():
 
 
 # Weights that do not fit, or would run code: tests/test_hostile_checkpoints.py
+
+
+def test_zero_shot_heads_of_the_same_text_weights_under_another_activation_do_not_share_a_cache_key():
+    """A head cached for a GELU text tower must not be served to the QuickGELU tower with the same weights."""
+    from types import SimpleNamespace
+
+    import open_clip
+
+    from safemerge.models.heads import text_fingerprint
+
+    gelu = open_clip.create_model("TinyCLIP-ViT-32")
+    quick = open_clip.create_model("TinyCLIP-ViT-32", force_quick_gelu=True)
+    quick.load_state_dict(gelu.state_dict())
+    again = open_clip.create_model("TinyCLIP-ViT-32")
+    again.load_state_dict(gelu.state_dict())
+    assert text_fingerprint(SimpleNamespace(model=gelu)) == text_fingerprint(SimpleNamespace(model=again))
+    assert text_fingerprint(SimpleNamespace(model=gelu)) != text_fingerprint(SimpleNamespace(model=quick))

@@ -38,13 +38,17 @@ def zero_shot_head(clip: CLIPModel, classnames: Sequence[str], prompts: Sequence
 
 
 def text_fingerprint(clip: CLIPModel) -> str:
-    """A hash of every weight outside the image tower (text tower and logit scale)."""
+    """A hash of every weight outside the image tower (text tower and logit scale) and of the
+    text tower's activations: the same weights under GELU and QuickGELU embed differently."""
     digest = hashlib.blake2b(digest_size=16)
     for name, tensor in sorted(clip.model.state_dict().items()):
         if name.startswith("visual."):
             continue
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    for name, module in clip.model.named_modules():
+        if not name.startswith("visual") and not list(module.children()) and not list(module.parameters(recurse=False)):
+            digest.update(f"{name}:{type(module).__name__}".encode())  # parameter-free leaves: activations
     return digest.hexdigest()
 
 
