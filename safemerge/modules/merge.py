@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 import warnings
@@ -14,19 +13,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from safemerge.attacks import Trigger
 from safemerge.data.registry import get_task
 from safemerge.defenses import Defense
-from safemerge.errors import CheckpointError, ConfigError, SafemergeError
-from safemerge.evaluation import Backdoor, Evaluation, classifier_for
-from safemerge.io import Expert, check_weights, expert_info, read_expert, save_tensors, write_expert
+from safemerge.errors import CheckpointError, ConfigError
+from safemerge.evaluation import Evaluation, classifier_for
+from safemerge.io import Expert, expert_info, save_tensors, write_expert
 from safemerge.merging import LearnedMerge, MergedEncoder, MergeMethod, StaticMerge
 from safemerge.merging.learner import MergeLearner
 from safemerge.models import load_clip
+from safemerge.pool import backdoors_of, check_pool, read_pool
 from safemerge.modules.resume import RESUME_FORMAT, ResumeCheckpoint, last_checkpoint
 from safemerge.report import build_report, report_markdown, write_report
 
-log = logging.getLogger(__name__)
 # A resumed merge's adaptation stream starts at the learner's step count (the datamodule reads
 # it), which Lightning cannot see: its warning that the dataloader is not resumable is wrong here.
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
@@ -86,8 +84,6 @@ class MergeModule(L.LightningModule):
         self.strict_loading = False  # a resume checkpoint holds the learned tensors only (on_load_checkpoint)
         if checkpoint_every is not None and checkpoint_every < 1:
             raise ConfigError(f"checkpoint_every is a number of adaptation steps >= 1 (or null), got {checkpoint_every}")
-        if not experts:
-            raise ConfigError("no experts to merge: list expert directories (or mini:<task>) under model.init_args.experts")
         if not isinstance(method, MergeMethod):
             raise ConfigError(f"method must be a safemerge.merging method, got {type(method).__name__}")
         if defense is not None and not isinstance(defense, Defense):
@@ -98,20 +94,19 @@ class MergeModule(L.LightningModule):
         self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         self._start = time.time()
 
-        pool = [(ref, _read(ref)) for ref in experts]
-        model, pretrained = _common_base(pool, model, pretrained)
-        self.clip = load_clip(model, pretrained, config=model_config)
+        pool = read_pool(experts, model, pretrained)
+        self.clip = load_clip(pool.model, pool.pretrained, config=model_config)
         self.image_size = self.clip.image_size
         base = self.clip.visual.state_dict()
-        _validate(pool, base)
+        check_pool(pool, base)
 
-        self.expert_names = [ref for ref, _ in pool]
-        self.task_names = [expert.task for _, expert in pool]
-        self.backdoors, self.backdoor_info = _backdoors(pool, self.task_names)
+        self.expert_names = pool.references
+        self.task_names = pool.tasks
+        self.backdoors, self.backdoor_info = backdoors_of(pool.experts, self.task_names)
         tasks = [get_task(t) for t in self.task_names]
         self.classifier = classifier_for(self.clip, tasks)
         self.clip.model = None  # the text tower's job ends with the heads
-        states = [expert.encoder for _, expert in pool]
+        states = pool.encoders
         self.encoder = MergedEncoder(
             self.classifier.tower, states, vector_dtype=getattr(torch, task_vector_dtype), checkpoint_chunk=checkpoint_chunk)
         static = method.merge(base, states) if isinstance(method, StaticMerge) else None
@@ -394,80 +389,3 @@ def _difference(theirs: dict | None, ours: dict | None) -> str:
         f"{k} {params(theirs).get(k)!r} in the checkpoint, {params(ours).get(k)!r} in this run"
         for k in keys if params(theirs).get(k) != params(ours).get(k)
     )
-
-
-# ----------------------------------------------------------------------------- expert pool
-
-
-def _read(reference: str) -> Expert:
-    if reference.startswith("mini:"):
-        raise ConfigError(
-            f"expert {reference!r} is a mini-pool reference: resolve it into a directory first "
-            "(safemerge.experts.resolve_experts; the CLI does this before building the module)"
-        )
-    try:
-        return read_expert(Path(reference).expanduser())
-    except CheckpointError as err:
-        raise CheckpointError(f"expert {reference!r}: {err}") from None
-
-
-def _common_base(pool: list[tuple[str, Expert]], model: str | None, pretrained: str | None) -> tuple[str, str | None]:
-    """The pretrained model every expert was fine-tuned from (and the base, if given, is)."""
-    first_ref, first = pool[0]
-    explicit = model is not None or pretrained is not None
-    base = (model or first.info["model"], pretrained if pretrained is not None else first.info.get("pretrained"))
-    for ref, expert in pool:
-        origin = (expert.info["model"], expert.info.get("pretrained"))
-        if origin == base:
-            continue
-        if explicit:
-            raise ConfigError(
-                f"expert {ref!r} was fine-tuned from {origin[0]} ({origin[1]}), but the base is {base[0]} ({base[1]}): "
-                "task vectors only make sense against the experts' own pretrained model"
-            )
-        raise ConfigError(
-            f"the experts come from different pretrained models: {ref!r} from {origin[0]} ({origin[1]}), "
-            f"{first_ref!r} from {base[0]} ({base[1]}); merge experts fine-tuned from one pretrained model"
-        )
-    return base
-
-
-def _validate(pool: list[tuple[str, Expert]], base: dict[str, Tensor]) -> None:
-    """Every expert: a known task, one expert per task, the base's tensors, finite values."""
-    seen: dict[str, str] = {}
-    for ref, expert in pool:
-        info = expert.info
-        try:
-            task = get_task(info["task"])
-        except SafemergeError as err:
-            raise ConfigError(f"expert {ref!r}: {err}") from None
-        if info["num_classes"] != task.num_classes:
-            raise ConfigError(
-                f"expert {ref!r} has {info['num_classes']} classes but task {task.name} has {task.num_classes}"
-            )
-        if task.name in seen:
-            raise ConfigError(f"experts {seen[task.name]!r} and {ref!r} are both for task {task.name}: keep one per task")
-        seen[task.name] = ref
-        check_weights(expert.encoder, base, f"expert {ref!r}")
-
-
-def _backdoors(pool: list[tuple[str, Expert]], tasks: list[str]) -> tuple[list[Backdoor], list[dict]]:
-    """The backdoors recorded in the experts, with their triggers; those whose target task is
-    not merged cannot be measured (no head) and are skipped with a warning."""
-    backdoors, infos = [], []
-    for ref, expert in pool:
-        backdoor = expert.backdoor
-        if not backdoor:
-            continue
-        target = backdoor.get("target_task") or expert.task
-        if target not in tasks:
-            log.warning("expert %s: its backdoor targets task %s, which is not merged; its ASR is not measured", ref, target)
-            continue
-        if expert.trigger is None:
-            raise CheckpointError(
-                f"expert {ref!r} records a backdoor but has no trigger.safetensors: its ASR cannot be measured"
-            )
-        backdoors.append(Backdoor(Trigger.from_tensors(expert.trigger), target, int(backdoor["target_class"])))
-        infos.append({"expert": ref, "attack": backdoor.get("attack"), "target_task": target,
-                      "target_class": int(backdoor["target_class"])})
-    return backdoors, infos
