@@ -18,10 +18,10 @@ import lightning as L
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from safemerge.errors import CheckpointError, SafemergeError
+from safemerge.errors import SafemergeError
 from safemerge.experts import resolve_experts
 from safemerge.io import read_checkpoint
-from safemerge.modules.resume import SIGTERM_EXIT_STATUS, last_checkpoint
+from safemerge.modules.resume import SIGTERM_EXIT_STATUS, resolve_ckpt_path
 
 
 def _default_wandb_mode() -> None:
@@ -60,6 +60,10 @@ class SafemergeCLI(LightningCLI):
         experts = init_args.get("experts") if init_args is not None else None
         if isinstance(experts, list):
             init_args.experts = resolve_experts([str(e) for e in experts])
+        # The merge's seed (mask samples, adaptation stream) is the run's seed_everything, passed
+        # explicitly (LightningCLI has resolved it to a number by now).
+        if init_args is not None and "seed" in init_args and isinstance(config.get("seed_everything"), int):
+            init_args.seed = config.seed_everything
 
     def _check_inputs(self) -> None:
         # Loggers (W&B) start writing as soon as the trainer runs: read every input first.
@@ -81,16 +85,7 @@ class SafemergeCLI(LightningCLI):
         path = kwargs.get("ckpt_path")
         if not path:
             return
-        if path == "last":
-            output_dir = self.model.hparams.output_dir
-            if not output_dir:
-                raise CheckpointError("--ckpt_path last: this merge has no output_dir, so it writes no checkpoint to resume")
-            path = last_checkpoint(output_dir)
-            if not path.is_file():
-                raise CheckpointError(
-                    f"--ckpt_path last: there is no checkpoint to resume in {path.parent} (a learned merge writes "
-                    f"{path.name} there while it runs); run without --ckpt_path to start the merge"
-                )
+        path = resolve_ckpt_path(path, self.model.hparams.output_dir)
         self.model.check_resumable(read_checkpoint(path), f"checkpoint {path}")
         kwargs["ckpt_path"] = str(path)
         kwargs["weights_only"] = True

@@ -123,6 +123,10 @@ class MergeLearner(nn.Module):
                 optimizers[spec.name] = torch.optim.Adam([p for part in spec.parts for p in self._params(part)], lr=spec.lr)
         return optimizers
 
+    def optimizer_names(self) -> list[str]:
+        """The names of :meth:`make_optimizers`' optimizers, from the declarations alone."""
+        return [spec.name for stage, _ in self.schedule for spec in stage.optimizers]
+
     def _params(self, path: str) -> list[nn.Parameter]:
         if path not in self.part_names and path.split(".")[0] not in self.part_names:
             raise ValueError(f"an optimizer names {path!r}, which is no declared learned part ({self.part_names})")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from pathlib import Path
@@ -15,14 +14,14 @@ from torch import Tensor, nn
 
 from safemerge.data.registry import get_task
 from safemerge.defenses import Defense
-from safemerge.errors import CheckpointError, ConfigError
+from safemerge.errors import ConfigError
 from safemerge.evaluation import Evaluation, classifier_for
 from safemerge.io import Expert, expert_info, save_tensors, write_expert
 from safemerge.merging import LearnedMerge, MergedEncoder, MergeMethod, StaticMerge
 from safemerge.merging.learner import MergeLearner
 from safemerge.models import load_clip
 from safemerge.pool import backdoors_of, check_pool, read_pool
-from safemerge.modules.resume import RESUME_FORMAT, ResumeCheckpoint, last_checkpoint
+from safemerge.modules.resume import ResumeCheckpoint, check_resumable, keep_trainable_state, last_checkpoint
 from safemerge.report import build_report, report_markdown, write_report
 
 # A resumed merge's adaptation stream starts at the learner's step count (the datamodule reads
@@ -63,6 +62,8 @@ class MergeModule(L.LightningModule):
             (``<output_dir>/checkpoints/last.ckpt``) every this many adaptation steps (None:
             only at the end of training and on SIGTERM); ``--ckpt_path last`` resumes from it
             (:mod:`safemerge.modules.resume`).
+        seed: seeds the mask samples and the adaptation stream; the CLI passes its
+            ``seed_everything``.
     """
 
     def __init__(
@@ -77,6 +78,7 @@ class MergeModule(L.LightningModule):
         task_vector_dtype: Literal["float32", "bfloat16"] = "float32",
         checkpoint_chunk: int | None = None,
         checkpoint_every: int | None = 100,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["method", "defense"])
@@ -84,14 +86,15 @@ class MergeModule(L.LightningModule):
         self.strict_loading = False  # a resume checkpoint holds the learned tensors only (on_load_checkpoint)
         if checkpoint_every is not None and checkpoint_every < 1:
             raise ConfigError(f"checkpoint_every is a number of adaptation steps >= 1 (or null), got {checkpoint_every}")
-        if not isinstance(method, MergeMethod):
-            raise ConfigError(f"method must be a safemerge.merging method, got {type(method).__name__}")
+        if not isinstance(method, (StaticMerge, LearnedMerge)):
+            raise ConfigError(
+                f"method must be a safemerge.merging method (a StaticMerge or a LearnedMerge), got {type(method).__name__}")
         if defense is not None and not isinstance(defense, Defense):
             raise ConfigError(f"defense must be a safemerge.defenses defence, got {type(defense).__name__}")
         self.method, self.defense = method, defense
         # What W&B (and any logger) records of the method and the defence.
         self.hparams.update(method=method.describe(), defense=defense.describe() if defense else None)
-        self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        self.seed = seed
         self._start = time.time()
 
         pool = read_pool(experts, model, pretrained)
@@ -155,9 +158,7 @@ class MergeModule(L.LightningModule):
     def configure_optimizers(self):
         if self.learner is None:
             return None
-        optimizers = self.learner.make_optimizers()
-        self._optimizer_names = list(optimizers)
-        return list(optimizers.values())
+        return list(self.learner.make_optimizers().values())
 
     # ------------------------------------------------------------------ training
 
@@ -175,11 +176,12 @@ class MergeModule(L.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
-        named = dict(zip(self._optimizer_names, optimizers))
+        # Lightning hands back the optimizers in the order the learner declared them
+        named = dict(zip(self.learner.optimizer_names(), optimizers))
         losses = self.learner.training_step(batch_idx, batch, named, reduce=self._reduce)
         size = sum(len(x) for x in batch.values())
         stage, _, _ = self.learner.stage(batch_idx)
-        self.log_dict({f"train/{stage}/{k}": v for k, v in losses.items()}, batch_size=size, prog_bar=False)
+        self.log_dict({f"train/{stage.name}/{k}": v for k, v in losses.items()}, batch_size=size, prog_bar=False)
         if batch_idx % self.trainer.log_every_n_steps == 0 or batch_idx == self.adaptation_steps - 1:
             self.log_dict({f"train/{k}": v for k, v in self.learner.statistics().items()}, batch_size=size)
 
@@ -247,7 +249,7 @@ class MergeModule(L.LightningModule):
         report = build_report(
             self.method.name, results, config=self._config(), runtime_s=time.time() - self._start,
             backdoors=[{**info, **rates} for info, rates in zip(self.backdoor_info, backdoor_rates)],
-            defense=self.defense.describe() if self.defense else None, attribution=self._attribution(),
+            defense=self.defense.describe() if self.defense else None, **self._report_fields(),
         )
         self._log_table(report)
         if self.trainer.is_global_zero:
@@ -256,12 +258,11 @@ class MergeModule(L.LightningModule):
             print(report_markdown(report))
         self._eval_weights = None
 
-    def _attribution(self) -> dict | None:
-        """Which expert carries the simulated trigger's effect (methods that attribute it)."""
-        attribution = self.learner.attribution if self.learner is not None else None
-        if attribution is None:
-            return None
-        return {**attribution, "expert": self.expert_names[self.task_names.index(attribution["expert"])]}
+    def _report_fields(self) -> dict:
+        """What the method and the defence add to the report (DAM: its attribution)."""
+        if self.learner is None:
+            return {}
+        return self.learner.report_fields(dict(zip(self.task_names, self.expert_names)))
 
     def _config(self) -> dict:
         return {
@@ -296,96 +297,16 @@ class MergeModule(L.LightningModule):
         write_report(directory, report)
 
 
-    # ------------------------------------------------------------------ resuming
-
-    def _resume_record(self) -> dict:
-        """What a resume checkpoint belongs to (plain types), checked before it is loaded."""
-        return {
-            "format": RESUME_FORMAT, "experts": self.expert_names, "tasks": self.task_names,
-            "model": self.clip.name, "pretrained": self.clip.pretrained, "seed": self.seed,
-            "method": self.method.describe(), "defense": self.defense.describe() if self.defense else None,
-            "optimizers": self._optimizer_names if hasattr(self, "_optimizer_names") else list(self.learner.make_optimizers()),
-            "adaptation_steps": self.adaptation_steps,
-            "completed_steps": self.completed_steps, "attribution": self.learner.attribution,
-        }
+    # ------------------------------------------------------------------ resuming (safemerge.modules.resume)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # Only the trainable state: the frozen base, task vectors and heads are re-derived from
-        # the experts. Lightning's hyper-parameter entries go (the record below says what matters).
-        checkpoint["state_dict"] = {k: v.cpu() for k, v in self.learner.learned_state().items()}
-        for key in ("hyper_parameters", "hparams_name", "datamodule_hyper_parameters", "datamodule_hparams_name"):
-            checkpoint.pop(key, None)
-        checkpoint["safemerge"] = self._resume_record()
+        keep_trainable_state(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.check_resumable(checkpoint, "the checkpoint")
-        record = checkpoint["safemerge"]
-        self.learner.resume(checkpoint["state_dict"], record["attribution"])
+        self.learner.resume(checkpoint["state_dict"], checkpoint["safemerge"]["notes"])
         checkpoint["state_dict"] = {}  # loaded; Lightning's own (non-strict) load has nothing left to do
 
     def check_resumable(self, checkpoint: dict, source: str) -> None:
-        """A one-line :class:`CheckpointError` unless ``checkpoint`` is a resume checkpoint of
-        this very merge: the same pool, method, defence and seed, the same learned tensors."""
-        record = checkpoint.get("safemerge")
-        if not isinstance(record, dict) or record.get("format") != RESUME_FORMAT:
-            raise CheckpointError(
-                f"{source} is not a safemerge merge checkpoint (no {RESUME_FORMAT!r} record): resume only from "
-                f"the {last_checkpoint('<output_dir>')} a merge writes"
-            )
-        fresh = "or start afresh without --ckpt_path (in another output_dir to keep the old one)"
-        if self.learner is None:
-            raise CheckpointError(
-                f"{source} belongs to a learned merge ({record['method'].get('name')}), but this merge "
-                f"({self.method.name}, no defence) learns nothing and has nothing to resume: drop --ckpt_path"
-            )
-        ours = self._resume_record()
-        for key, what in (("experts", "pool"), ("tasks", "tasks"), ("model", "base model"),
-                          ("pretrained", "pretrained weights"), ("seed", "seed")):
-            if record.get(key) != ours[key]:
-                raise CheckpointError(
-                    f"{source} was written by a merge with another {what}: {record.get(key)!r}, this run has "
-                    f"{ours[key]!r}; resume with the same {what}, {fresh}"
-                )
-        for key in ("method", "defense"):
-            if record.get(key) != ours[key]:
-                raise CheckpointError(
-                    f"{source} was written by a merge with another {key}: {_difference(record.get(key), ours[key])}; "
-                    f"resume with the {key} it was written with, {fresh}"
-                )
-        state, expected = checkpoint.get("state_dict"), self.learner.learned_state()
-        if not isinstance(state, dict):
-            raise CheckpointError(f"{source} has no learned tensors (state_dict)")
-        missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
-        if missing or unexpected:
-            raise CheckpointError(
-                f"{source} does not hold this merge's learned tensors: {len(missing)} missing (e.g. {missing[:3]}), "
-                f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}); resume a checkpoint of this merge, {fresh}"
-            )
-        for name, tensor in expected.items():
-            theirs = state[name]
-            if not isinstance(theirs, Tensor) or theirs.shape != tensor.shape or theirs.dtype != tensor.dtype:
-                found = f"{tuple(theirs.shape)} {theirs.dtype}" if isinstance(theirs, Tensor) else type(theirs).__name__
-                raise CheckpointError(
-                    f"{source}: learned tensor {name!r} is {found}, this merge's is {tuple(tensor.shape)} {tensor.dtype}; "
-                    f"resume a checkpoint of this merge, {fresh}"
-                )
-        optimizers = checkpoint.get("optimizer_states")
-        if record.get("optimizers") != ours["optimizers"] or not isinstance(optimizers, list) or len(optimizers) != len(ours["optimizers"]):
-            raise CheckpointError(
-                f"{source} holds the optimizers {record.get('optimizers')}, this merge has {ours['optimizers']}; {fresh}"
-            )
-        if not 0 <= int(state["completed_steps"]) <= self.adaptation_steps:
-            raise CheckpointError(f"{source} is at step {int(state['completed_steps'])} of a {self.adaptation_steps}-step schedule")
-
-
-def _difference(theirs: dict | None, ours: dict | None) -> str:
-    """``name`` or the parameters in which two ``describe()`` records differ, in words."""
-    if theirs is None or ours is None or theirs.get("name") != ours.get("name"):
-        name = lambda d: d.get("name") if d else None  # noqa: E731
-        return f"{name(theirs)} in the checkpoint, {name(ours)} in this run"
-    params = lambda d: d.get("params", d)  # noqa: E731  (a defence's parameters are nested)
-    keys = sorted(params(theirs).keys() | params(ours).keys())
-    return ", ".join(
-        f"{k} {params(theirs).get(k)!r} in the checkpoint, {params(ours).get(k)!r} in this run"
-        for k in keys if params(theirs).get(k) != params(ours).get(k)
-    )
+        """A one-line :class:`CheckpointError` unless ``checkpoint`` is a resume checkpoint of this merge."""
+        check_resumable(self, checkpoint, source)
