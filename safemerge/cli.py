@@ -18,9 +18,11 @@ import lightning as L
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from safemerge.data.merge import MergeDataModule
 from safemerge.errors import SafemergeError
 from safemerge.experts import resolve_experts
 from safemerge.io import read_checkpoint
+from safemerge.modules.merge import MergeModule
 from safemerge.modules.resume import SIGTERM_EXIT_STATUS, resolve_ckpt_path
 
 
@@ -67,9 +69,8 @@ class SafemergeCLI(LightningCLI):
 
     def _check_inputs(self) -> None:
         # Loggers (W&B) start writing as soon as the trainer runs: read every input first.
-        bind = getattr(self.datamodule, "bind", None)
-        if bind is not None:  # a merge's data serves the tasks and backdoors of its experts
-            bind(self.model)
+        if isinstance(self.datamodule, MergeDataModule) and isinstance(self.model, MergeModule):
+            self.datamodule.bind(self.model.data_plan())  # a merge's data serves its experts' tasks and backdoors
         check = getattr(self.datamodule, "check_inputs", None)
         if check is not None:
             check()

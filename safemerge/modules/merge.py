@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from safemerge.data.merge import MergePlan
 from safemerge.data.registry import get_task
 from safemerge.defenses import Defense
 from safemerge.errors import ConfigError
@@ -144,6 +145,10 @@ class MergeModule(L.LightningModule):
         self._ddp_params_and_buffers_to_ignore = [
             name for name, tensor in [*self.named_parameters(), *self.named_buffers()] if id(tensor) not in learned
         ]
+
+    def data_plan(self) -> MergePlan:
+        """What this merge's data must serve (:class:`~safemerge.data.merge.MergeDataModule`)."""
+        return MergePlan(self.task_names, self.backdoors, self.adaptation_steps, self.seed, lambda: self.completed_steps)
 
     @property
     def completed_steps(self) -> int:
