@@ -38,7 +38,7 @@ def worker(args) -> dict:
 
     from safemerge.merging.learner import MergeLearner
     from safemerge.merging.merged import MergedEncoder
-    from safemerge.merging.methods import DAMAdaMerging
+    from safemerge.merging import DAMAdaMerging
     from safemerge.models.classifier import ImageClassifier
 
     common.setup_torch(args)

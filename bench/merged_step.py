@@ -39,7 +39,7 @@ def worker(args) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from safemerge.merging.methods import entropy
+    from safemerge.merging import entropy
 
     common.setup_torch(args)
     memory = common.Memory(args.device)

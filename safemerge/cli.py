@@ -27,11 +27,13 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from safemerge.data.datamodule import build_split
+from safemerge.data.merge import MergeDataModule
 from safemerge.data.registry import SPLITS, get_task
-from safemerge.errors import CheckpointError, ConfigError, SafemergeError
+from safemerge.errors import ConfigError, SafemergeError
 from safemerge.experts import MINI_PREFIX, expert_cache, mini_backdoor, resolve_experts
 from safemerge.io import EXPERT_FILE, read_checkpoint, read_json
-from safemerge.modules.resume import SIGTERM_EXIT_STATUS, last_checkpoint
+from safemerge.modules.merge import MergeModule
+from safemerge.modules.resume import SIGTERM_EXIT_STATUS, resolve_ckpt_path
 from safemerge.report import run_title
 
 _RANK_ZERO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
@@ -148,10 +150,10 @@ class MergeProgress(L.Callback):
             say(f"merging: {_title(pl_module)} (nothing to learn)")
             return
         start = 0
-        for name, steps, owner in learner.schedule:
+        for stage, owner in learner.schedule:
             role = "defence" if owner is pl_module.defense else "merging"
-            self._starts[start] = f"{role}: {type(owner).__name__} {name}, {steps} steps"
-            start += steps
+            self._starts[start] = f"{role}: {type(owner).__name__} {stage.name}, {stage.steps} steps"
+            start += stage.steps
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         if batch_idx in self._starts:
@@ -203,12 +205,15 @@ class SafemergeCLI(LightningCLI):
         experts = init_args.get("experts") if init_args is not None else None
         if isinstance(experts, list):
             init_args.experts = resolve_pool([str(e) for e in experts])
+        # The merge's seed (mask samples, adaptation stream) is the run's seed_everything, passed
+        # explicitly (LightningCLI has resolved it to a number by now).
+        if init_args is not None and "seed" in init_args and isinstance(config.get("seed_everything"), int):
+            init_args.seed = config.seed_everything
 
     def _check_inputs(self) -> None:
         # Loggers (W&B) start writing as soon as the trainer runs: read every input first.
-        bind = getattr(self.datamodule, "bind", None)
-        if bind is not None:  # a merge's data serves the tasks and backdoors of its experts
-            bind(self.model)
+        if isinstance(self.datamodule, MergeDataModule) and isinstance(self.model, MergeModule):
+            self.datamodule.bind(self.model.data_plan())  # a merge's data serves its experts' tasks and backdoors
         check = getattr(self.datamodule, "check_inputs", None)
         if check is not None:
             check()
@@ -235,16 +240,7 @@ class SafemergeCLI(LightningCLI):
         path = kwargs.get("ckpt_path")
         if not path:
             return
-        if path == "last":
-            output_dir = self.model.hparams.output_dir
-            if not output_dir:
-                raise CheckpointError("--ckpt_path last: this merge has no output_dir, so it writes no checkpoint to resume")
-            path = last_checkpoint(output_dir)
-            if not path.is_file():
-                raise CheckpointError(
-                    f"--ckpt_path last: there is no checkpoint to resume in {path.parent} (a learned merge writes "
-                    f"{path.name} there while it runs); run without --ckpt_path to start the merge"
-                )
+        path = resolve_ckpt_path(path, self.model.hparams.output_dir)
         self.model.check_resumable(read_checkpoint(path), f"checkpoint {path}")
         kwargs["ckpt_path"] = str(path)
         kwargs["weights_only"] = True

@@ -208,7 +208,7 @@ def test_attribution_names_the_expert_whose_task_vector_carries_the_trigger_and_
         images[:, corner], images[:, bias] = 0.0, 1.0
         images = images.view(-1, 3, 2, 2)
         learner.training_step(step, {"t": images, "u": images}, optimizers)
-    attribution = learner.attribution
+    attribution = learner.notes["attribution"]
     assert attribution["expert"] == "u", attribution
     assert attribution["flip_rate"] > 0.3 and attribution["drop"]["u"] > 0.3 and attribution["drop"]["t"] < 0.1, attribution
     # capped in every merge from now on; the expert itself is still evaluated as fine-tuned

@@ -275,7 +275,7 @@ def test_every_learned_method_trains_its_own_parts_deterministically():
         assert ("coefficients" in changed) == learns_lambda, method
         assert any(k.startswith("mask.") for k in changed) == method.has_mask, method
         assert any(k.startswith("perturbation.") for k in changed) == method.safety_aware, method
-        assert any(k.startswith("safety_mask.") for k in changed) == (getattr(method, "masks_mode", "") == "dual"), method
+        assert any(k.startswith("safety_mask.") for k in changed) == (getattr(method, "masks", "") == "dual"), method
         assert not any(k.startswith("encoder.") for k in changed), method
         assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0]), f"{method.name} is not reproducible"
         if method.safety_aware:
@@ -375,7 +375,7 @@ def _step_weights(learner, step):
     """The (detached) merged weights DAM's trigger step of ``step`` attacks, and their pseudo-labels."""
     from safemerge.merging.masks import product
 
-    samples = [m.sample(learner.generator(step)) for m in learner.method.masks(learner)]
+    samples = [m.sample(learner.generator(step)) for m in learner.method.concrete_masks(learner)]
     with torch.no_grad():
         return learner.encoder.weights(learner.coefficients.detach(), [s.detach() for s in product(*samples)], rescale=True)
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
 
 import lightning as L
 import torch
@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, get_w
 from safemerge.data.datamodule import build_split, evaluation_views
 from safemerge.data.registry import SPLITS, Split, Task, get_task
 from safemerge.errors import ConfigError
+from safemerge.seeding import seeded_generator
 
 
 class AdaptationStream(IterableDataset):
@@ -59,17 +60,29 @@ class AdaptationStream(IterableDataset):
                 }
 
     def _indices(self, task: str, size: int) -> Iterator[int]:
-        digest = hashlib.sha256(f"{self.seed}:{task}".encode()).digest()
-        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+        generator = seeded_generator(self.seed, task)
         while True:
             yield from torch.randperm(size, generator=generator).tolist()
+
+
+@dataclass
+class MergePlan:
+    """What a merge's data serves, given by the merge module (``MergeModule.data_plan``): its
+    tasks (in order), the backdoors to measure, the adaptation steps and their seed, and
+    ``start``, read when the adaptation stream is made: the steps already done (a resumed merge's)."""
+
+    tasks: Sequence[str]
+    backdoors: Sequence
+    steps: int
+    seed: int
+    start: Callable[[], int] = lambda: 0
 
 
 class MergeDataModule(L.LightningDataModule):
     """Adaptation batches and evaluation data of a merge.
 
     The tasks, the backdoors to measure and the number of adaptation steps come from the
-    merge module (:meth:`bind`). Training batches are ``{task: images}`` (unlabeled, in
+    merge module's :class:`MergePlan` (:meth:`bind`; the CLI binds them). Training batches are ``{task: images}`` (unlabeled, in
     [0, 1]). Validation and test dataloaders are, in order: the clean split of every task (in
     the module's task order), then, per backdoor, its target task's split with the trigger on
     every image (true labels kept, for ASR).
@@ -115,16 +128,16 @@ class MergeDataModule(L.LightningDataModule):
         self.tasks: list[Task] | None = None
         self._splits: dict[tuple[str, Split], Dataset] = {}
 
-    def bind(self, model) -> None:
-        """Take the tasks, backdoors, steps and seed from the merge module."""
-        self.tasks = [get_task(name) for name in model.task_names]
-        self.backdoors = list(model.backdoors)
-        self.steps = model.adaptation_steps
-        self.seed = model.seed
+    def bind(self, plan: MergePlan) -> None:
+        """Serve the merge ``plan`` describes."""
+        self.plan = plan
+        self.tasks = [get_task(name) for name in plan.tasks]
+        self.backdoors, self.steps, self.seed = list(plan.backdoors), plan.steps, plan.seed
 
     def _bound(self) -> list[Task]:
         if self.tasks is None:
-            self.bind(self.trainer.lightning_module)
+            raise ConfigError("the merge data serves a merge: bind it to the merge module's plan first "
+                              "(datamodule.bind(model.data_plan()); the CLI does this)")
         return self.tasks
 
     def split(self, task: Task, split: Split) -> Dataset:
@@ -158,8 +171,7 @@ class MergeDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         tasks = self._bound()
         trainer = self.trainer
-        # A resumed merge continues the stream where its learned state stopped.
-        start = getattr(trainer.lightning_module, "completed_steps", 0) if trainer else 0
+        start = self.plan.start()  # a resumed merge continues the stream where its learned state stopped
         stream = AdaptationStream(
             {t.name: self.adaptation_set(t) for t in tasks}, self.batch_size, self.steps,
             seed=self.seed, rank=trainer.global_rank if trainer else 0, world_size=trainer.world_size if trainer else 1,

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from safemerge.defenses.base import Defense, MaskedUpdate
-from safemerge.defenses.triggers import AdditiveTrigger, check_budget
+from safemerge.defenses.base import Defense
 from safemerge.errors import ConfigError
+from safemerge.merging.contract import Optimize
+from safemerge.merging.simulated_triggers import AdditiveTrigger, check_budget
 
 
+@dataclass(eq=False)
 class AWM(Defense):
     """Adversarial weight masking over the merged update: ``θ_0 + m ⊙ Δ``, ``m ∈ [0, 1]``.
 
@@ -38,45 +42,37 @@ class AWM(Defense):
     """
 
     name = "awm"
+    steps: int = 200
+    mask_lr: float = 1e-2
+    perturbation_eps: float = 16 / 255
+    perturbation_lr: float = 1e-2
+    clean_weight: float = 1.0
+    adv_weight: float = 1.0
+    sparsity_weight: float = 1e-3
+    pseudo_labels: str = "merged"
 
-    def __init__(
-        self, steps: int = 200, mask_lr: float = 1e-2, perturbation_eps: float = 16 / 255, perturbation_lr: float = 1e-2,
-        clean_weight: float = 1.0, adv_weight: float = 1.0, sparsity_weight: float = 1e-3,
-        pseudo_labels: str = "merged",
-    ) -> None:
-        self.steps = steps
-        self.mask_lr = mask_lr
-        self.perturbation_eps = perturbation_eps
-        self.perturbation_lr = perturbation_lr
-        self.clean_weight = clean_weight
-        self.adv_weight = adv_weight
-        self.sparsity_weight = sparsity_weight
-        self.pseudo_labels = pseudo_labels
-        self._check_options()
-        if min(clean_weight, adv_weight, sparsity_weight) < 0:
+    def check(self) -> None:
+        super().check()
+        if min(self.clean_weight, self.adv_weight, self.sparsity_weight) < 0:
             raise ConfigError("awm: clean_weight, adv_weight and sparsity_weight must be >= 0")
-        check_budget("awm", perturbation_eps)
+        check_budget("awm", self.perturbation_eps)
 
-    def build(self, learner) -> None:
-        parts = nn.Module()
-        parts.masked_update = MaskedUpdate(learner.encoder.shapes)
+    def parts(self, learner) -> dict[str, nn.Module]:
+        parts = super().parts(learner)
         # straight-through clamp: the perturbation may light pixels that are black in every image
-        parts.trigger = AdditiveTrigger(learner.tasks, learner.image_size, self.perturbation_eps, straight_through=True)
-        learner.defense_parts = parts.to(learner.encoder.vectors(0).device)
+        trigger = AdditiveTrigger(learner.tasks, learner.image_size, self.perturbation_eps, straight_through=True)
+        parts["defense_parts"].trigger = trigger.to(learner.encoder.vectors(0).device)
+        return parts
 
-    def optimizers(self, learner) -> dict[str, torch.optim.Optimizer]:
-        parts = learner.defense_parts
-        return {
-            "defense_mask": torch.optim.Adam(parts.masked_update.mask.parameters(), lr=self.mask_lr),
-            "defense_trigger": torch.optim.Adam(parts.trigger.parameters(), lr=self.perturbation_lr),
-        }
+    def optimizers(self) -> tuple[Optimize, ...]:
+        return (*super().optimizers(), Optimize("defense_trigger", ("defense_parts.trigger",), self.perturbation_lr))
 
     def defense_step(self, learner, step, batch, optimizers, reduce) -> dict[str, float]:
         parts = learner.defense_parts
         pseudo = self.clean_labels(learner, batch)
         with torch.no_grad():
             current = self.defended_weights(learner)
-        perturbation_loss = learner.attack_step(parts.trigger, current, batch, pseudo, optimizers["defense_trigger"], reduce)
+        perturbation_loss = learner.trigger_step(parts.trigger, current, batch, pseudo, optimizers["defense_trigger"], reduce)
 
         weights = self.defended_weights(learner)
         with torch.no_grad():
@@ -87,7 +83,7 @@ class AWM(Defense):
         clean, adversarial = sum(losses[: len(batch)]), sum(losses[len(batch):])
         sparsity = parts.masked_update.sparsity_loss()
         loss = self.clean_weight * clean + self.adv_weight * adversarial + self.sparsity_weight * sparsity
-        learner.update(optimizers["defense_mask"], loss, list(parts.masked_update.mask.parameters()), reduce)
+        learner.update(optimizers["defense_mask"], loss, reduce)
         parts.masked_update.project_()
         return {"clean_loss": float(clean.detach()), "adversarial_loss": float(adversarial.detach()),
                 "sparsity": float(sparsity.detach()), "perturbation_loss": perturbation_loss}

@@ -4,7 +4,8 @@ the learner's schedule.
 A defence starts from the merged weights θ the method produced (static or learned) and
 learns a mask ``m ∈ [0, 1]`` (one entry per parameter scalar, initialised to 1) over the merged
 update ``Δ = θ − θ_0``: the defended model is ``θ_0 + m ⊙ Δ``. It owns its step
-(:meth:`MaskedUpdateDefense.step`); the learner only runs it after the method's stages.
+(:meth:`Defense.step`, one :class:`~safemerge.merging.contract.Stage`); the learner runs it after
+the method's stages.
 Pseudo-labels are the clean predictions of the merged model *before* the defence (frozen), so
 they do not drift while the mask moves (``pseudo_labels: merged``, the DAM authors' adaptation),
 or each task's images labelled by that task's own expert (``pseudo_labels: experts``): still
@@ -14,15 +15,17 @@ predictions carry its merging errors into the clean loss.
 
 from __future__ import annotations
 
-from typing import ClassVar, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from safemerge.errors import ConfigError
+from safemerge.merging.contract import Component, Optimize, Stage
+from safemerge.merging.masks import mask_statistics
 
 
-class MaskedUpdate(nn.Module):
+class UpdateMask(nn.Module):
     """A soft mask over a merged update: ``θ_0 + clamp(m, 0, 1) ⊙ Δ``.
 
     ``Δ`` is a frozen, non-persistent buffer per tensor, filled by :meth:`start_` when the
@@ -65,35 +68,26 @@ class MaskedUpdate(nn.Module):
 
     @torch.no_grad()
     def statistics(self) -> dict[str, float]:
-        total = sum(m.numel() for m in self.mask)
-        return {
-            "mean": float(sum(m.sum() for m in self.mask) / total),
-            "below_half": float(sum((m < 0.5).sum() for m in self.mask) / total),
-        }
+        return mask_statistics(list(self.mask))
 
 
 PSEUDO_LABELS = ("merged", "experts")
 
 
-class Defense:
+class Defense(Component):
     """Base of post-merge defences (chosen by ``class_path`` in ``model.init_args.defense``).
 
-    Subclasses set ``name``, keep their hyper-parameters as attributes (recorded in the report)
-    and implement :meth:`build` (register learned parts on the learner under
-    ``learner.defense_parts``), :meth:`optimizers` and :meth:`defense_step`.
+    A subclass is a dataclass: ``name``, its hyper-parameters as fields (``steps`` and
+    ``pseudo_labels`` among them), :meth:`parts` (its learned parts under ``defense_parts``,
+    whose ``masked_update`` is the :class:`UpdateMask`), :meth:`optimizers` and
+    :meth:`defense_step`.
     """
 
-    name: ClassVar[str]
+    params_nested = True
     steps: int
+    pseudo_labels: str
 
-    def describe(self) -> dict:
-        """``{"name": ..., "params": {...}}`` (recorded in ``report.json``)."""
-        return {"name": self.name, "params": {k: v for k, v in vars(self).items() if not k.startswith("_")}}
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
-
-    def _check_options(self) -> None:
+    def check(self) -> None:
         if self.steps < 1:
             raise ConfigError(f"{self.name}: steps must be >= 1, got {self.steps}")
         if self.pseudo_labels not in PSEUDO_LABELS:
@@ -107,13 +101,22 @@ class Defense:
             return learner.expert_pseudo_labels(batch)
         return learner.pseudo_labels(merged if merged is not None else self.defended_weights(learner, masked=False), batch)
 
-    def stages(self) -> list[tuple[str, int]]:
-        return [("defense", self.steps)]
+    def parts(self, learner) -> dict[str, nn.Module]:
+        parts = nn.Module()
+        parts.masked_update = UpdateMask(learner.encoder.shapes)
+        return {"defense_parts": parts.to(learner.encoder.vectors(0).device)}
+
+    def optimizers(self) -> tuple[Optimize, ...]:
+        """The defence stage's optimizers over its declared parts."""
+        return (Optimize("defense_mask", ("defense_parts.masked_update.mask",), self.mask_lr),)
+
+    def stages(self) -> list[Stage]:
+        return [Stage("defense", self.steps, self.step, self.optimizers())]
 
     def started(self, learner) -> bool:
         return bool(learner.defense_parts.masked_update.started)
 
-    def step(self, learner, stage: str, step: int, batch, optimizers, reduce) -> dict[str, float]:
+    def step(self, learner, step: int, batch, optimizers, reduce) -> dict[str, float]:
         if step == 0:  # the method's stages are over: its merged weights are what we defend
             learner.defense_parts.masked_update.start_(
                 learner.encoder.base(), learner.method_weights(), learner.encoder.names)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from safemerge.defenses.base import Defense, MaskedUpdate
-from safemerge.defenses.triggers import check_budget, clamp_pixels
+from safemerge.defenses.base import Defense
 from safemerge.errors import ConfigError
+from safemerge.merging.simulated_triggers import check_budget, clamp_pixels
 
 
 def shared_wrong_log_probability(logits: Tensor, reference_logits: Tensor, labels: Tensor) -> Tensor:
@@ -18,6 +20,7 @@ def shared_wrong_log_probability(logits: Tensor, reference_logits: Tensor, label
     return wrong.clamp_min(1e-12).log().mean()
 
 
+@dataclass(eq=False)
 class SAU(Defense):
     """Shared adversarial unlearning over the merged update: a mask ``m ∈ [0, 1]`` on ``Δ``.
 
@@ -43,31 +46,20 @@ class SAU(Defense):
     """
 
     name = "sau"
+    steps: int = 200
+    mask_lr: float = 1e-2
+    perturbation_eps: float = 16 / 255
+    attack_steps: int = 2
+    adv_weight: float = 1.0
+    pseudo_labels: str = "merged"
 
-    def __init__(
-        self, steps: int = 200, mask_lr: float = 1e-2, perturbation_eps: float = 16 / 255, attack_steps: int = 2,
-        adv_weight: float = 1.0, pseudo_labels: str = "merged",
-    ) -> None:
-        self.steps = steps
-        self.mask_lr = mask_lr
-        self.perturbation_eps = perturbation_eps
-        self.attack_steps = attack_steps
-        self.adv_weight = adv_weight
-        self.pseudo_labels = pseudo_labels
-        self._check_options()
-        if attack_steps < 1:
-            raise ConfigError(f"sau: attack_steps must be >= 1, got {attack_steps}")
-        if adv_weight < 0:
-            raise ConfigError(f"sau: adv_weight must be >= 0, got {adv_weight}")
-        check_budget("sau", perturbation_eps)
-
-    def build(self, learner) -> None:
-        parts = nn.Module()
-        parts.masked_update = MaskedUpdate(learner.encoder.shapes)
-        learner.defense_parts = parts.to(learner.encoder.vectors(0).device)
-
-    def optimizers(self, learner) -> dict[str, torch.optim.Optimizer]:
-        return {"defense_mask": torch.optim.Adam(learner.defense_parts.masked_update.mask.parameters(), lr=self.mask_lr)}
+    def check(self) -> None:
+        super().check()
+        if self.attack_steps < 1:
+            raise ConfigError(f"sau: attack_steps must be >= 1, got {self.attack_steps}")
+        if self.adv_weight < 0:
+            raise ConfigError(f"sau: adv_weight must be >= 0, got {self.adv_weight}")
+        check_budget("sau", self.perturbation_eps)
 
     def shared_adversarial(self, learner, current, reference, batch, pseudo) -> dict[str, Tensor]:
         """Per-image perturbations toward a wrong class both models share (signed gradient ascent)."""
@@ -102,7 +94,7 @@ class SAU(Defense):
             unlearn = unlearn + (per_image * shared).sum() / len(a)
             shared_count += int(shared.sum())
         loss = clean + self.adv_weight * unlearn
-        learner.update(optimizers["defense_mask"], loss, list(parts.masked_update.mask.parameters()), reduce)
+        learner.update(optimizers["defense_mask"], loss, reduce)
         parts.masked_update.project_()
         return {"clean_loss": float(clean.detach()), "unlearning_loss": float(torch.as_tensor(unlearn).detach()),
                 "shared_fraction": shared_count / sum(len(x) for x in batch.values())}

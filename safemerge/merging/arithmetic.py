@@ -11,6 +11,8 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from safemerge.errors import ConfigError
+
 StateDict = Mapping[str, Tensor]
 
 
@@ -63,6 +65,18 @@ def weight_average(experts: Sequence[StateDict]) -> dict[str, Tensor]:
     }
 
 
+def check_fraction_kept(owner: str, k: float) -> None:
+    """A one-line error unless ``k``, the fraction of a task vector's entries TIES keeps, is in (0, 1]."""
+    if not 0 < k <= 1:
+        raise ConfigError(f"{owner}: k is the fraction of entries kept, in (0, 1]; got {k}")
+
+
+def kth_magnitude(tensors: Sequence[Tensor], k: int) -> Tensor:
+    """The ``k``-th smallest magnitude over all entries of ``tensors`` (one threshold for a
+    whole task vector: TIES' trim and the attribution's trim)."""
+    return torch.cat([t.flatten().abs() for t in tensors]).kthvalue(k).values
+
+
 def ties_merging(
     base: StateDict, experts: Sequence[StateDict], k: float = 0.2, scaling: float = 0.3
 ) -> dict[str, Tensor]:
@@ -74,17 +88,16 @@ def ties_merging(
     3. **disjoint mean**: per entry, the mean over the experts whose trimmed value is non-zero
        and agrees with the elected sign (0 where none does).
     """
-    if not 0 < k <= 1:
-        raise ValueError(f"k is the fraction of entries kept and must be in (0, 1], got {k}")
+    check_fraction_kept("ties_merging", k)
     vectors = task_vectors(base, experts)
     if not vectors:
         raise ValueError("ties_merging needs at least one expert")
     names = list(vectors[0])
     trimmed = []
     for vector in vectors:
-        flat = torch.cat([vector[name].flatten() for name in names])
-        keep = max(1, round(k * flat.numel()))
-        threshold = flat.abs().kthvalue(flat.numel() - keep + 1).values
+        size = sum(vector[name].numel() for name in names)
+        keep = max(1, round(k * size))
+        threshold = kth_magnitude([vector[name] for name in names], size - keep + 1)
         trimmed.append({name: torch.where(vector[name].abs() >= threshold, vector[name], 0.0) for name in names})
     merged = {}
     for name, tensor in base.items():

@@ -1,15 +1,16 @@
 """One training loop for every learned merge and defence: it orchestrates, the classes step.
 
 :class:`MergeLearner` holds the frozen merged encoder and the learned parts that the method
-(and, optionally, a post-merge defence) registers on it, and runs the training schedule: the
-method's stages (e.g. DAM's mask stage, then AdaMerging's coefficient stage), then the
-defence's. Each step is delegated to the class that owns the stage
-(``owner.step(learner, stage, step, batch, optimizers, reduce)``); the loop has no per-method
+(and, optionally, a post-merge defence) declares (:meth:`Component.parts
+<safemerge.merging.contract.Component.parts>`, registered under their declared names), and
+runs the training schedule: the method's :class:`~safemerge.merging.contract.Stage` objects
+(e.g. DAM's mask stage, then AdaMerging's coefficient stage), then the defence's. Each step is
+the stage's bound step, given the optimizers the stage declares; the loop has no per-method
 branches. The learner offers the steps their shared vocabulary: logits of every task's batch
 in one forward pass (the merged tower is the same for every task, only the heads differ),
-:meth:`update` (gradients with ``torch.autograd.grad`` for exactly the tensors a phase
+:meth:`update` (gradients with ``torch.autograd.grad`` for exactly the tensors an optimizer
 updates, averaged over processes by ``reduce``, then one optimizer step) and
-:meth:`attack_step` (one update of a simulated trigger against pseudo-labels).
+:meth:`trigger_step` (one update of a defender's simulated trigger against pseudo-labels).
 
 It is pure torch: Lightning (or a benchmark) supplies the optimizers and a ``reduce`` that
 averages gradients over processes, which keeps every learned tensor identical on every rank.
@@ -17,14 +18,15 @@ averages gradients over processes, which keeps every learned tensor identical on
 
 from __future__ import annotations
 
-import hashlib
-from typing import Callable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from safemerge.merging.contract import Component, Stage
 from safemerge.merging.merged import MergedEncoder
+from safemerge.seeding import seeded_generator
 
 Batch = Mapping[str, Tensor]  # task -> unlabeled images in [0, 1]
 Reduce = Callable[[Tensor], Tensor]
@@ -40,23 +42,6 @@ class Classifier(Protocol):
     def normalize(self, images: Tensor) -> Tensor: ...
 
     def logits(self, features: Tensor, task: str) -> Tensor: ...
-
-
-class Trainable(Protocol):
-    """A learned method or defence: it registers its parts, makes their optimizers, owns its steps."""
-
-    def stages(self) -> list[tuple[str, int]]: ...
-
-    def build(self, learner: "MergeLearner") -> None: ...
-
-    def optimizers(self, learner: "MergeLearner") -> dict[str, torch.optim.Optimizer]: ...
-
-    def step(self, learner: "MergeLearner", stage: str, step: int, batch: Batch, optimizers: Optimizers,
-             reduce: Reduce) -> dict[str, float]: ...
-
-    def resumed(self, learner: "MergeLearner") -> None:
-        """After :meth:`MergeLearner.resume`: re-derive what a step changed but the learned state
-        does not hold (frozen tensors edited in place, non-persistent buffers)."""
 
 
 class MergeLearner(nn.Module):
@@ -85,15 +70,30 @@ class MergeLearner(nn.Module):
         # learner's state, so neither learned.safetensors nor a resume checkpoint holds them.
         object.__setattr__(self, "_classifier", classifier)
         self.static_weights = static_weights
-        self.owners: list[Trainable] = [o for o in (method, defense) if hasattr(o, "stages")]
-        self.schedule: list[tuple[str, int, Trainable]] = [
-            (name, steps, owner) for owner in self.owners for name, steps in owner.stages() if steps > 0
+        # The components that learn: a learned method, a defence (a static method learns nothing).
+        self.owners: list[Component] = [o for o in (method, defense) if o is not None and o.stages()]
+        self.schedule: list[tuple[Stage, Component]] = [
+            (stage, owner) for owner in self.owners for stage in owner.stages() if stage.steps > 0
         ]
-        self.attribution: dict | None = None  # set by a method that attributes the simulated trigger
+        self.notes: dict[str, Any] = {}  # what the steps record beside the tensors (plain types)
         # The schedule's position: part of the learned state, so a resumed run knows where it is.
         self.register_buffer("completed_steps", torch.zeros((), dtype=torch.long))
+        self.part_names: list[str] = []
         for owner in self.owners:
-            owner.build(self)
+            for name, part in owner.parts(self).items():
+                self._register_part(name, part)
+
+    def _register_part(self, name: str, part: nn.Module | Tensor) -> None:
+        """A declared learned part under its declared name (its key in the learned state)."""
+        if name in self.part_names or hasattr(self, name):
+            raise ValueError(f"learned part {name!r} is declared twice, or clashes with the learner's own {name!r}")
+        if isinstance(part, nn.Module):
+            self.add_module(name, part)
+        elif isinstance(part, nn.Parameter):
+            self.register_parameter(name, part)
+        else:
+            self.register_buffer(name, part)
+        self.part_names.append(name)
 
     @property
     def classifier(self) -> Classifier:
@@ -101,30 +101,46 @@ class MergeLearner(nn.Module):
 
     @property
     def total_steps(self) -> int:
-        return sum(steps for _, steps, _ in self.schedule)
+        return sum(stage.steps for stage, _ in self.schedule)
 
-    def stage(self, step: int) -> tuple[str, int, Trainable]:
+    def stage(self, step: int) -> tuple[Stage, int, Component]:
         """The stage a global step belongs to, the step's index inside it, and its owner."""
         start = 0
-        for name, steps, owner in self.schedule:
-            if step < start + steps:
-                return name, step - start, owner
-            start += steps
+        for stage, owner in self.schedule:
+            if step < start + stage.steps:
+                return stage, step - start, owner
+            start += stage.steps
         raise IndexError(f"step {step} is past the schedule ({self.total_steps} steps)")
 
     def make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        """The optimizers of every learned part, named (the method's, then the defence's)."""
-        optimizers = {}
-        for owner in self.owners:
-            optimizers.update(owner.optimizers(self))
+        """The optimizers the stages declare, by their declared names, in schedule order: Adam
+        over the parameters of the declared parts they name."""
+        optimizers: dict[str, torch.optim.Optimizer] = {}
+        for stage, _ in self.schedule:
+            for spec in stage.optimizers:
+                if spec.name in optimizers:
+                    raise ValueError(f"two stages declare an optimizer named {spec.name!r}")
+                optimizers[spec.name] = torch.optim.Adam([p for part in spec.parts for p in self._params(part)], lr=spec.lr)
         return optimizers
 
+    def optimizer_names(self) -> list[str]:
+        """The names of :meth:`make_optimizers`' optimizers, from the declarations alone."""
+        return [spec.name for stage, _ in self.schedule for spec in stage.optimizers]
+
+    def _params(self, path: str) -> list[nn.Parameter]:
+        if path not in self.part_names and path.split(".")[0] not in self.part_names:
+            raise ValueError(f"an optimizer names {path!r}, which is no declared learned part ({self.part_names})")
+        try:
+            return list(self.get_submodule(path).parameters())
+        except AttributeError:
+            return [self.get_parameter(path)]
+
     def training_step(self, step: int, batch: Batch, optimizers: Optimizers, reduce: Reduce = lambda g: g) -> dict[str, float]:
-        """One step of the stage ``step`` falls in; returns the losses to log."""
+        """One step of the stage ``step`` falls in, with that stage's optimizers; returns the losses to log."""
         if step != int(self.completed_steps):
             raise RuntimeError(f"step {step} is not the learner's next step ({int(self.completed_steps)})")
-        name, local, owner = self.stage(step)
-        losses = owner.step(self, name, local, batch, optimizers, reduce)
+        stage, local, _ = self.stage(step)
+        losses = stage.step(self, local, batch, {spec.name: optimizers[spec.name] for spec in stage.optimizers}, reduce)
         self.completed_steps += 1
         return losses
 
@@ -168,50 +184,64 @@ class MergeLearner(nn.Module):
 
     def generator(self, step: int) -> torch.Generator:
         """A generator seeded by (seed, step): the same samples on every rank, reproducible."""
-        digest = hashlib.sha256(f"{self.seed}:{step}".encode()).digest()
-        device = self.encoder.vectors(0).device
-        return torch.Generator(device).manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+        return seeded_generator(self.seed, step, self.encoder.vectors(0).device)
 
     # ------------------------------------------------------------------ shared steps
 
-    def update(self, optimizer: torch.optim.Optimizer, loss: Tensor, params: Sequence[Tensor], reduce: Reduce) -> None:
-        """Gradients of ``loss`` for ``params`` only, averaged over processes, one optimizer step."""
-        self.apply_gradients(optimizer, torch.autograd.grad(loss, params), params, reduce)
-
     @staticmethod
-    def apply_gradients(optimizer, grads: Sequence[Tensor], params: Sequence[Tensor], reduce: Reduce) -> None:
-        """Set the (rank-averaged) gradients and take one optimizer step."""
+    def optimized(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+        """The parameters an optimizer updates, in its order."""
+        return [p for group in optimizer.param_groups for p in group["params"]]
+
+    def update(self, optimizer: torch.optim.Optimizer, loss: Tensor, reduce: Reduce) -> None:
+        """Gradients of ``loss`` for the optimizer's parameters only, averaged over processes, one step."""
+        self.apply_gradients(optimizer, torch.autograd.grad(loss, self.optimized(optimizer)), reduce)
+
+    def apply_gradients(self, optimizer, grads: Sequence[Tensor], reduce: Reduce) -> None:
+        """Set the (rank-averaged) gradients of the optimizer's parameters, in its order, and step."""
+        params = self.optimized(optimizer)
+        if len(grads) != len(params):
+            raise ValueError(f"{len(grads)} gradients for the optimizer's {len(params)} parameters")
         for param, grad in zip(params, grads):
             param.grad = reduce(grad)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def attack_step(
+    def trigger_step(
         self, trigger, weights: Mapping[str, Tensor], batch: Batch, pseudo_labels: Mapping[str, Tensor],
         optimizer: torch.optim.Optimizer, reduce: Reduce,
     ) -> float:
-        """One optimizer step of a simulated trigger against ``weights`` (detached) and the
-        pseudo-labels; returns the cross-entropy of the triggered images before the step."""
+        """One optimizer step of a defender's simulated trigger (``optimizer`` is over its
+        parameters) against ``weights`` (detached) and the pseudo-labels; returns the
+        cross-entropy of the triggered images before the step."""
         logits = self.logits(weights, {t: trigger.apply(x, t) for t, x in batch.items()})
-        self.update(optimizer, trigger.attack_loss(logits, pseudo_labels), list(trigger.parameters()), reduce)
+        self.update(optimizer, trigger.attack_loss(logits, pseudo_labels), reduce)
         trigger.project_()
         return float(sum(F.cross_entropy(l.detach().float(), pseudo_labels[t]) for t, l in logits.items()))
 
     def learned_state(self) -> dict[str, Tensor]:
-        """Everything learned (λ, mask logits, triggers, defence masks, the step count), not the
-        frozen encoder (re-derived from the experts)."""
-        return {k: v.detach() for k, v in self.state_dict().items() if not k.startswith("encoder.")}
+        """The declared learned parts (λ, mask logits, triggers, defence masks) and the step count,
+        by their declared names; not the frozen encoder (re-derived from the experts)."""
+        kept = {"completed_steps", *self.part_names}
+        return {k: v.detach() for k, v in self.state_dict().items() if k.split(".")[0] in kept}
 
-    def resume(self, state: Mapping[str, Tensor], attribution: dict | None = None) -> None:
-        """Load a :meth:`learned_state` (same keys and shapes: the caller checks) and what the
-        steps recorded beside it, then let every owner re-derive the rest (:meth:`Trainable.resumed`)."""
+    def resume(self, state: Mapping[str, Tensor], notes: Mapping[str, Any]) -> None:
+        """Load a :meth:`learned_state` (same keys and shapes: the caller checks) and the notes the
+        steps recorded beside it, then let every owner re-derive the rest (``resumed``)."""
         missing, unexpected = self.load_state_dict(state, strict=False)
         left = [k for k in missing if not k.startswith("encoder.")]
         if left or unexpected:
             raise KeyError(f"learned state: missing {left[:3]}, unexpected {unexpected[:3]}")
-        self.attribution = attribution
+        self.notes = dict(notes)
         for owner in self.owners:
             owner.resumed(self)
+
+    def report_fields(self, experts: Mapping[str, str]) -> dict[str, Any]:
+        """The extra ``report.json`` fields every owner reports (``experts``: task -> reference)."""
+        fields: dict[str, Any] = {}
+        for owner in self.owners:
+            fields.update(owner.report_fields(self, experts))
+        return fields
 
     @torch.no_grad()
     def statistics(self) -> dict[str, float]:
@@ -220,4 +250,3 @@ class MergeLearner(nn.Module):
         for owner in self.owners:
             stats.update(owner.statistics(self))
         return stats
-

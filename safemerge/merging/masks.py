@@ -13,12 +13,26 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor, nn
 
+from safemerge.errors import ConfigError
+
 FinalMask = Literal["expected", "discrete", "sample"]
+FINAL_MASKS = ("expected", "discrete", "sample")
+
+
+def check_final_mask(owner: str, kind: str) -> None:
+    """A one-line error unless ``kind`` is a way to fix a mask after training."""
+    if kind not in FINAL_MASKS:
+        raise ConfigError(f"{owner}: final_mask must be expected, discrete or sample; got {kind!r}")
+
+
+def clamped_mean(mask: Tensor) -> Tensor:
+    """``mean(mask)``, at least the dtype's smallest normal number (what a mask is rescaled by)."""
+    return mask.mean().clamp_min(torch.finfo(mask.dtype).tiny)
 
 
 def rescale(mask: Tensor) -> Tensor:
     """``mask / mean(mask)`` (an all-zero mask stays zero)."""
-    return mask / mask.mean().clamp_min(torch.finfo(mask.dtype).tiny)
+    return mask / clamped_mean(mask)
 
 
 class ConcreteMask(nn.Module):
@@ -52,9 +66,8 @@ class ConcreteMask(nn.Module):
             return self.expected()
         if kind == "discrete":
             return self.discrete()
-        if kind == "sample":
-            return self.sample(generator)
-        raise ValueError(f"final_mask must be expected, discrete or sample; got {kind!r}")
+        check_final_mask("concrete mask", kind)
+        return self.sample(generator)
 
 
 def combine(*masks: Sequence[Tensor]) -> list[Tensor]:
@@ -70,9 +83,10 @@ def product(*masks: Sequence[Tensor]) -> list[Tensor]:
 
 @torch.no_grad()
 def mask_statistics(masks: Sequence[Tensor]) -> dict[str, float]:
-    """Mean of the (unrescaled) mask values and the fraction of entries below 0.5."""
+    """Mean of the (unrescaled) mask values and the fraction of entries below 0.5 (the learned
+    merge masks' and the defences' masks')."""
     total = sum(m.numel() for m in masks)
     return {
         "mean": float(sum(m.sum() for m in masks) / total),
-        "sparsity": float(sum((m < 0.5).sum() for m in masks) / total),
+        "below_half": float(sum((m < 0.5).sum() for m in masks) / total),
     }

@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
-from safemerge.merging.arithmetic import _check_same_keys
+from safemerge.merging.arithmetic import _check_same_keys, kth_magnitude
+from safemerge.merging.masks import clamped_mean
 
 Granularity = Literal["task", "layer"]
 
@@ -101,7 +102,7 @@ class MergedEncoder(nn.Module):
         with torch.autocast(coefficients.device.type, enabled=False):
             for index, (name, shape) in enumerate(zip(self.names, self.shapes)):
                 if mask is not None:  # one node that keeps only λ, m and mean(m) for backward
-                    state[name] = _MaskedUpdate.apply(
+                    state[name] = _MaskedMergeFunction.apply(
                         coefficients[:, index], self.vectors(index), state[name], mask[index], rescale)
                     continue
                 vectors = self.vectors(index)
@@ -132,8 +133,7 @@ class MergedEncoder(nn.Module):
             for row in rows:
                 row.mul_(scale)
         if trim:
-            magnitudes = torch.cat([row.abs() for row in rows])
-            threshold = magnitudes.kthvalue(max(1, round(trim * magnitudes.numel()))).values
+            threshold = kth_magnitude(rows, max(1, round(trim * sum(row.numel() for row in rows))))
             for row in rows:
                 row.masked_fill_(row.abs() <= threshold, 0.0)
 
@@ -152,7 +152,7 @@ def _compute_dtype(vectors: Tensor) -> torch.dtype:
     return torch.promote_types(vectors.dtype, torch.float32)
 
 
-class _MaskedUpdate(torch.autograd.Function):
+class _MaskedMergeFunction(torch.autograd.Function):
     """``base + (m / c) ⊙ (λ @ V).view(m.shape)``; ``c = mean(m)`` with ``rescale``, else 1.
 
     Differentiable in λ and m. Backward recomputes ``λ @ V`` rather than keeping it, so the graph
@@ -165,7 +165,7 @@ class _MaskedUpdate(torch.autograd.Function):
         ctx.lam_dtype, ctx.rescale = lam.dtype, rescale
         lam = lam.to(_compute_dtype(vectors))
         update = (lam @ vectors.to(lam.dtype)).view(mask.shape)
-        inv = 1.0 / mask.mean().clamp_min(torch.finfo(mask.dtype).tiny) if rescale else mask.new_ones(())
+        inv = 1.0 / clamped_mean(mask) if rescale else mask.new_ones(())
         if torch.result_type(update, mask) == update.dtype and torch.result_type(update, base) == update.dtype:
             out = update.mul_(mask).mul_(inv).add_(base)
         else:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import os
 import time
 import warnings
 from pathlib import Path
@@ -14,19 +12,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from safemerge.attacks import Trigger
+from safemerge.data.merge import MergePlan
 from safemerge.data.registry import get_task
 from safemerge.defenses import Defense
-from safemerge.errors import CheckpointError, ConfigError, SafemergeError
-from safemerge.evaluation import Backdoor, Evaluation, classifier_for
-from safemerge.io import Expert, check_weights, expert_info, read_expert, save_tensors, write_expert
+from safemerge.errors import ConfigError
+from safemerge.evaluation import Evaluation, classifier_for
+from safemerge.io import Expert, expert_info, save_tensors, write_expert
 from safemerge.merging import LearnedMerge, MergedEncoder, MergeMethod, StaticMerge
 from safemerge.merging.learner import MergeLearner
 from safemerge.models import load_clip
-from safemerge.modules.resume import RESUME_FORMAT, ResumeCheckpoint, last_checkpoint
+from safemerge.pool import backdoors_of, check_pool, read_pool
+from safemerge.modules.resume import ResumeCheckpoint, check_resumable, keep_trainable_state, last_checkpoint
 from safemerge.report import build_report, report_markdown, write_report
 
-log = logging.getLogger(__name__)
 # A resumed merge's adaptation stream starts at the learner's step count (the datamodule reads
 # it), which Lightning cannot see: its warning that the dataloader is not resumable is wrong here.
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
@@ -65,6 +63,8 @@ class MergeModule(L.LightningModule):
             (``<output_dir>/checkpoints/last.ckpt``) every this many adaptation steps (None:
             only at the end of training and on SIGTERM); ``--ckpt_path last`` resumes from it
             (:mod:`safemerge.modules.resume`).
+        seed: seeds the mask samples and the adaptation stream; the CLI passes its
+            ``seed_everything``.
     """
 
     def __init__(
@@ -79,6 +79,7 @@ class MergeModule(L.LightningModule):
         task_vector_dtype: Literal["float32", "bfloat16"] = "float32",
         checkpoint_chunk: int | None = None,
         checkpoint_every: int | None = 100,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["method", "defense"])
@@ -86,32 +87,30 @@ class MergeModule(L.LightningModule):
         self.strict_loading = False  # a resume checkpoint holds the learned tensors only (on_load_checkpoint)
         if checkpoint_every is not None and checkpoint_every < 1:
             raise ConfigError(f"checkpoint_every is a number of adaptation steps >= 1 (or null), got {checkpoint_every}")
-        if not experts:
-            raise ConfigError("no experts to merge: list expert directories (or mini:<task>) under model.init_args.experts")
-        if not isinstance(method, MergeMethod):
-            raise ConfigError(f"method must be a safemerge.merging method, got {type(method).__name__}")
+        if not isinstance(method, (StaticMerge, LearnedMerge)):
+            raise ConfigError(
+                f"method must be a safemerge.merging method (a StaticMerge or a LearnedMerge), got {type(method).__name__}")
         if defense is not None and not isinstance(defense, Defense):
             raise ConfigError(f"defense must be a safemerge.defenses defence, got {type(defense).__name__}")
         self.method, self.defense = method, defense
         # What W&B (and any logger) records of the method and the defence.
         self.hparams.update(method=method.describe(), defense=defense.describe() if defense else None)
-        self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        self.seed = seed
         self._start = time.time()
 
-        pool = [(ref, _read(ref)) for ref in experts]
-        model, pretrained = _common_base(pool, model, pretrained)
-        self.clip = load_clip(model, pretrained, config=model_config)
+        pool = read_pool(experts, model, pretrained)
+        self.clip = load_clip(pool.model, pool.pretrained, config=model_config)
         self.image_size = self.clip.image_size
         base = self.clip.visual.state_dict()
-        _validate(pool, base)
+        check_pool(pool, base)
 
-        self.expert_names = [ref for ref, _ in pool]
-        self.task_names = [expert.task for _, expert in pool]
-        self.backdoors, self.backdoor_info = _backdoors(pool, self.task_names)
+        self.expert_names = pool.references
+        self.task_names = pool.tasks
+        self.backdoors, self.backdoor_info = backdoors_of(pool.experts, self.task_names)
         tasks = [get_task(t) for t in self.task_names]
         self.classifier = classifier_for(self.clip, tasks, {e.task: e.head for _, e in pool if e.head is not None})
         self.clip.model = None  # the text tower's job ends with the heads
-        states = [expert.encoder for _, expert in pool]
+        states = pool.encoders
         self.encoder = MergedEncoder(
             self.classifier.tower, states, vector_dtype=getattr(torch, task_vector_dtype), checkpoint_chunk=checkpoint_chunk)
         static = method.merge(base, states) if isinstance(method, StaticMerge) else None
@@ -147,6 +146,10 @@ class MergeModule(L.LightningModule):
             name for name, tensor in [*self.named_parameters(), *self.named_buffers()] if id(tensor) not in learned
         ]
 
+    def data_plan(self) -> MergePlan:
+        """What this merge's data must serve (:class:`~safemerge.data.merge.MergeDataModule`)."""
+        return MergePlan(self.task_names, self.backdoors, self.adaptation_steps, self.seed, lambda: self.completed_steps)
+
     @property
     def completed_steps(self) -> int:
         return int(self.learner.completed_steps) if self.learner is not None else 0
@@ -160,9 +163,7 @@ class MergeModule(L.LightningModule):
     def configure_optimizers(self):
         if self.learner is None:
             return None
-        optimizers = self.learner.make_optimizers()
-        self._optimizer_names = list(optimizers)
-        return list(optimizers.values())
+        return list(self.learner.make_optimizers().values())
 
     # ------------------------------------------------------------------ training
 
@@ -180,11 +181,12 @@ class MergeModule(L.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
-        named = dict(zip(self._optimizer_names, optimizers))
+        # Lightning hands back the optimizers in the order the learner declared them
+        named = dict(zip(self.learner.optimizer_names(), optimizers))
         losses = self.learner.training_step(batch_idx, batch, named, reduce=self._reduce)
         size = sum(len(x) for x in batch.values())
         stage, _, _ = self.learner.stage(batch_idx)
-        self.log_dict({f"train/{stage}/{k}": v for k, v in losses.items()}, batch_size=size, prog_bar=False)
+        self.log_dict({f"train/{stage.name}/{k}": v for k, v in losses.items()}, batch_size=size, prog_bar=False)
         if batch_idx % self.trainer.log_every_n_steps == 0 or batch_idx == self.adaptation_steps - 1:
             self.log_dict({f"train/{k}": v for k, v in self.learner.statistics().items()}, batch_size=size)
 
@@ -252,7 +254,7 @@ class MergeModule(L.LightningModule):
         report = build_report(
             self.method.name, results, config=self._config(), runtime_s=time.time() - self._start,
             backdoors=[{**info, **rates} for info, rates in zip(self.backdoor_info, backdoor_rates)],
-            defense=self.defense.describe() if self.defense else None, attribution=self._attribution(),
+            defense=self.defense.describe() if self.defense else None, **self._report_fields(),
         )
         self._log_table(report)
         if self.trainer.is_global_zero:
@@ -261,12 +263,11 @@ class MergeModule(L.LightningModule):
             print(report_markdown(report))
         self._eval_weights = None
 
-    def _attribution(self) -> dict | None:
-        """Which expert carries the simulated trigger's effect (methods that attribute it)."""
-        attribution = self.learner.attribution if self.learner is not None else None
-        if attribution is None:
-            return None
-        return {**attribution, "expert": self.expert_names[self.task_names.index(attribution["expert"])]}
+    def _report_fields(self) -> dict:
+        """What the method and the defence add to the report (DAM: its attribution)."""
+        if self.learner is None:
+            return {}
+        return self.learner.report_fields(dict(zip(self.task_names, self.expert_names)))
 
     def _config(self) -> dict:
         return {
@@ -301,173 +302,16 @@ class MergeModule(L.LightningModule):
         write_report(directory, report)
 
 
-    # ------------------------------------------------------------------ resuming
-
-    def _resume_record(self) -> dict:
-        """What a resume checkpoint belongs to (plain types), checked before it is loaded."""
-        return {
-            "format": RESUME_FORMAT, "experts": self.expert_names, "tasks": self.task_names,
-            "model": self.clip.name, "pretrained": self.clip.pretrained, "seed": self.seed,
-            "method": self.method.describe(), "defense": self.defense.describe() if self.defense else None,
-            "optimizers": self._optimizer_names if hasattr(self, "_optimizer_names") else list(self.learner.make_optimizers()),
-            "adaptation_steps": self.adaptation_steps,
-            "completed_steps": self.completed_steps, "attribution": self.learner.attribution,
-        }
+    # ------------------------------------------------------------------ resuming (safemerge.modules.resume)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # Only the trainable state: the frozen base, task vectors and heads are re-derived from
-        # the experts. Lightning's hyper-parameter entries go (the record below says what matters).
-        checkpoint["state_dict"] = {k: v.cpu() for k, v in self.learner.learned_state().items()}
-        for key in ("hyper_parameters", "hparams_name", "datamodule_hyper_parameters", "datamodule_hparams_name"):
-            checkpoint.pop(key, None)
-        checkpoint["safemerge"] = self._resume_record()
+        keep_trainable_state(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.check_resumable(checkpoint, "the checkpoint")
-        record = checkpoint["safemerge"]
-        self.learner.resume(checkpoint["state_dict"], record["attribution"])
+        self.learner.resume(checkpoint["state_dict"], checkpoint["safemerge"]["notes"])
         checkpoint["state_dict"] = {}  # loaded; Lightning's own (non-strict) load has nothing left to do
 
     def check_resumable(self, checkpoint: dict, source: str) -> None:
-        """A one-line :class:`CheckpointError` unless ``checkpoint`` is a resume checkpoint of
-        this very merge: the same pool, method, defence and seed, the same learned tensors."""
-        record = checkpoint.get("safemerge")
-        if not isinstance(record, dict) or record.get("format") != RESUME_FORMAT:
-            raise CheckpointError(
-                f"{source} is not a safemerge merge checkpoint (no {RESUME_FORMAT!r} record): resume only from "
-                f"the {last_checkpoint('<output_dir>')} a merge writes"
-            )
-        fresh = "or start afresh without --ckpt_path (in another output_dir to keep the old one)"
-        if self.learner is None:
-            raise CheckpointError(
-                f"{source} belongs to a learned merge ({record['method'].get('name')}), but this merge "
-                f"({self.method.name}, no defence) learns nothing and has nothing to resume: drop --ckpt_path"
-            )
-        ours = self._resume_record()
-        for key, what in (("experts", "pool"), ("tasks", "tasks"), ("model", "base model"),
-                          ("pretrained", "pretrained weights"), ("seed", "seed")):
-            if record.get(key) != ours[key]:
-                raise CheckpointError(
-                    f"{source} was written by a merge with another {what}: {record.get(key)!r}, this run has "
-                    f"{ours[key]!r}; resume with the same {what}, {fresh}"
-                )
-        for key in ("method", "defense"):
-            if record.get(key) != ours[key]:
-                raise CheckpointError(
-                    f"{source} was written by a merge with another {key}: {_difference(record.get(key), ours[key])}; "
-                    f"resume with the {key} it was written with, {fresh}"
-                )
-        state, expected = checkpoint.get("state_dict"), self.learner.learned_state()
-        if not isinstance(state, dict):
-            raise CheckpointError(f"{source} has no learned tensors (state_dict)")
-        missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
-        if missing or unexpected:
-            raise CheckpointError(
-                f"{source} does not hold this merge's learned tensors: {len(missing)} missing (e.g. {missing[:3]}), "
-                f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}); resume a checkpoint of this merge, {fresh}"
-            )
-        for name, tensor in expected.items():
-            theirs = state[name]
-            if not isinstance(theirs, Tensor) or theirs.shape != tensor.shape or theirs.dtype != tensor.dtype:
-                found = f"{tuple(theirs.shape)} {theirs.dtype}" if isinstance(theirs, Tensor) else type(theirs).__name__
-                raise CheckpointError(
-                    f"{source}: learned tensor {name!r} is {found}, this merge's is {tuple(tensor.shape)} {tensor.dtype}; "
-                    f"resume a checkpoint of this merge, {fresh}"
-                )
-        optimizers = checkpoint.get("optimizer_states")
-        if record.get("optimizers") != ours["optimizers"] or not isinstance(optimizers, list) or len(optimizers) != len(ours["optimizers"]):
-            raise CheckpointError(
-                f"{source} holds the optimizers {record.get('optimizers')}, this merge has {ours['optimizers']}; {fresh}"
-            )
-        if not 0 <= int(state["completed_steps"]) <= self.adaptation_steps:
-            raise CheckpointError(f"{source} is at step {int(state['completed_steps'])} of a {self.adaptation_steps}-step schedule")
-
-
-def _difference(theirs: dict | None, ours: dict | None) -> str:
-    """``name`` or the parameters in which two ``describe()`` records differ, in words."""
-    if theirs is None or ours is None or theirs.get("name") != ours.get("name"):
-        name = lambda d: d.get("name") if d else None  # noqa: E731
-        return f"{name(theirs)} in the checkpoint, {name(ours)} in this run"
-    params = lambda d: d.get("params", d)  # noqa: E731  (a defence's parameters are nested)
-    keys = sorted(params(theirs).keys() | params(ours).keys())
-    return ", ".join(
-        f"{k} {params(theirs).get(k)!r} in the checkpoint, {params(ours).get(k)!r} in this run"
-        for k in keys if params(theirs).get(k) != params(ours).get(k)
-    )
-
-
-# ----------------------------------------------------------------------------- expert pool
-
-
-def _read(reference: str) -> Expert:
-    if reference.startswith("mini:"):
-        raise ConfigError(
-            f"expert {reference!r} is a mini-pool reference: resolve it into a directory first "
-            "(safemerge.experts.resolve_experts; the CLI does this before building the module)"
-        )
-    try:
-        return read_expert(Path(reference).expanduser())
-    except CheckpointError as err:
-        raise CheckpointError(f"expert {reference!r}: {err}") from None
-
-
-def _common_base(pool: list[tuple[str, Expert]], model: str | None, pretrained: str | None) -> tuple[str, str | None]:
-    """The pretrained model every expert was fine-tuned from (and the base, if given, is)."""
-    first_ref, first = pool[0]
-    explicit = model is not None or pretrained is not None
-    base = (model or first.info["model"], pretrained if pretrained is not None else first.info.get("pretrained"))
-    for ref, expert in pool:
-        origin = (expert.info["model"], expert.info.get("pretrained"))
-        if origin == base:
-            continue
-        if explicit:
-            raise ConfigError(
-                f"expert {ref!r} was fine-tuned from {origin[0]} ({origin[1]}), but the base is {base[0]} ({base[1]}): "
-                "task vectors only make sense against the experts' own pretrained model"
-            )
-        raise ConfigError(
-            f"the experts come from different pretrained models: {ref!r} from {origin[0]} ({origin[1]}), "
-            f"{first_ref!r} from {base[0]} ({base[1]}); merge experts fine-tuned from one pretrained model"
-        )
-    return base
-
-
-def _validate(pool: list[tuple[str, Expert]], base: dict[str, Tensor]) -> None:
-    """Every expert: a known task, one expert per task, the base's tensors, finite values."""
-    seen: dict[str, str] = {}
-    for ref, expert in pool:
-        info = expert.info
-        try:
-            task = get_task(info["task"])
-        except SafemergeError as err:
-            raise ConfigError(f"expert {ref!r}: {err}") from None
-        if info["num_classes"] != task.num_classes:
-            raise ConfigError(
-                f"expert {ref!r} has {info['num_classes']} classes but task {task.name} has {task.num_classes}"
-            )
-        if task.name in seen:
-            raise ConfigError(f"experts {seen[task.name]!r} and {ref!r} are both for task {task.name}: keep one per task")
-        seen[task.name] = ref
-        check_weights(expert.encoder, base, f"expert {ref!r}")
-
-
-def _backdoors(pool: list[tuple[str, Expert]], tasks: list[str]) -> tuple[list[Backdoor], list[dict]]:
-    """The backdoors recorded in the experts, with their triggers; those whose target task is
-    not merged cannot be measured (no head) and are skipped with a warning."""
-    backdoors, infos = [], []
-    for ref, expert in pool:
-        backdoor = expert.backdoor
-        if not backdoor:
-            continue
-        target = backdoor.get("target_task") or expert.task
-        if target not in tasks:
-            log.warning("expert %s: its backdoor targets task %s, which is not merged; its ASR is not measured", ref, target)
-            continue
-        if expert.trigger is None:
-            raise CheckpointError(
-                f"expert {ref!r} records a backdoor but has no trigger.safetensors: its ASR cannot be measured"
-            )
-        backdoors.append(Backdoor(Trigger.from_tensors(expert.trigger), target, int(backdoor["target_class"])))
-        infos.append({"expert": ref, "attack": backdoor.get("attack"), "target_task": target,
-                      "target_class": int(backdoor["target_class"])})
-    return backdoors, infos
+        """A one-line :class:`CheckpointError` unless ``checkpoint`` is a resume checkpoint of this merge."""
+        check_resumable(self, checkpoint, source)

@@ -31,7 +31,7 @@ from safemerge.io import read_expert, write_json
 from safemerge.merging import task_arithmetic, task_vectors, ties_merging
 from safemerge.models import load_clip
 from safemerge.protocol import exits_on_user_error
-from safemerge.protocol.pools import backdoors_of
+from safemerge.pool import backdoors_of
 from safemerge.protocol.runs import CONFIGS, merge_command, run as run_command
 from safemerge.protocol.tables import average_accuracy, benchmark_tables
 from safemerge.report import mean_known, read_report

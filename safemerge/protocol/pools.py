@@ -13,9 +13,6 @@ import yaml
 
 from safemerge.errors import ConfigError
 from safemerge.experts import MINI_PREFIX
-# Expert -> backdoor (trigger, target task, class) has one home, next to pool reading and
-# validation; it moves with them to safemerge.pool (imported from here only, so one line changes).
-from safemerge.modules.merge import _backdoors as backdoors_of  # noqa: F401
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 POOLS = CONFIGS / "pools"

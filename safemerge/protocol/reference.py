@@ -26,7 +26,8 @@ from safemerge.io import read_expert, write_json
 from safemerge.merging import task_arithmetic
 from safemerge.models import load_clip
 from safemerge.protocol import exits_on_user_error
-from safemerge.protocol.pools import POOLS, backdoored_mini_pool, backdoors_of, clean_twin
+from safemerge.pool import backdoors_of
+from safemerge.protocol.pools import POOLS, backdoored_mini_pool, clean_twin
 from safemerge.protocol.tables import reference_table
 from safemerge.report import mean_known
 

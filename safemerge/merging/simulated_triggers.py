@@ -35,6 +35,12 @@ def check_budget(owner: str, eps: float) -> None:
         raise ConfigError(f"{owner}: perturbation_eps is an ℓ∞ budget on pixels in [0, 1]; got {eps}")
 
 
+def check_area_weight(owner: str, area_weight: float) -> None:
+    """A one-line error unless the patch trigger's area penalty ``area_weight`` is >= 0."""
+    if area_weight < 0:
+        raise ConfigError(f"{owner}: area_weight is a penalty on the trigger's area and must be >= 0, got {area_weight}")
+
+
 def clamp_pixels(images: Tensor, straight_through: bool = False) -> Tensor:
     """``clamp(images, 0, 1)``; with ``straight_through`` the gradient passes the clamp as if it
     were the identity. A plain clamp has no gradient at 0 and 1, so a perturbation that starts
@@ -106,8 +112,7 @@ class AdditiveTrigger(SimulatedTrigger):
         straight_through: bool = False,
     ) -> None:
         super().__init__(tasks, targeted)
-        if not 0 < eps <= 1:
-            raise ConfigError(f"the perturbation budget eps is an ℓ∞ bound on pixels in [0, 1]; got {eps}")
+        check_budget("additive trigger", eps)
         if space not in ("pixel", "normalized"):
             raise ConfigError(f"perturbation_space must be pixel or normalized, got {space!r}")
         self.eps, self.space, self.straight_through = eps, space, straight_through
@@ -156,8 +161,7 @@ class PatchTrigger(SimulatedTrigger):
         targeted: bool = False, init_mask_logit: float = -3.0,
     ) -> None:
         super().__init__(tasks, targeted)
-        if area_weight < 0:
-            raise ConfigError(f"area_weight is a penalty on the trigger's area and must be >= 0, got {area_weight}")
+        check_area_weight("patch trigger", area_weight)
         if patch_size is not None and not 0 < patch_size <= image_size:
             raise ConfigError(
                 f"patch_size {patch_size} is larger than the image ({image_size}x{image_size} pixels) or not positive"
