@@ -7,6 +7,7 @@ import functools
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -192,11 +193,15 @@ def test_the_fine_tuning_code_list_covers_every_project_module_it_imports():
     assert "safemerge.attacks/optimize.py" in labels
 
 
-def test_the_key_is_the_same_in_another_process(tmp_path):
+def test_the_key_is_the_same_in_another_process_and_another_checkout(tmp_path):
+    """The same code elsewhere (another clone, a worktree) must find the same entries."""
+    checkout = tmp_path / "checkout"
+    shutil.copytree(REPO / "safemerge", checkout / "safemerge", ignore=shutil.ignore_patterns("__pycache__"))
     specs = [mini_spec(task) for task in ("mini_shapes", "mini_digit")] + [mini_spec("mini_fashion", backdoored=True)]
-    script = ("from safemerge.experts import ExpertSpec\n"
+    script = ("import safemerge\nfrom safemerge.experts import ExpertSpec\n"
+              f"assert safemerge.__file__.startswith({str(checkout)!r})\n"
               f"for spec in {[dataclasses.asdict(s) for s in specs]!r}:\n    print(ExpertSpec(**spec).key())\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(checkout)}
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == [spec.key() for spec in specs]
@@ -239,8 +244,8 @@ def client(tmp_path: Path, me: str, mode: str) -> subprocess.Popen:
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def finish(process: subprocess.Popen) -> tuple[str, str]:
-    out, err = process.communicate(timeout=300)
+def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[str, str]:
+    out, err = process.communicate(timeout=timeout)
     assert process.returncode == 0, err[-3000:]
     return out, err
 
