@@ -237,15 +237,25 @@ CLIENT = textwrap.dedent("""
 
 
 def client(tmp_path: Path, me: str, mode: str) -> subprocess.Popen:
+    """Start a client; its output goes to files (a full pipe could stall a lock holder)."""
     script = tmp_path / "client.py"
     script.write_text(CLIENT)
     env = {**os.environ, "PYTHONPATH": str(REPO), "SAFEMERGE_CACHE": str(tmp_path / "cache")}
-    return subprocess.Popen([sys.executable, str(script), str(tmp_path), me, mode, repr(dataclasses.asdict(SPEC))],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with open(tmp_path / f"{me}.out", "w") as out, open(tmp_path / f"{me}.err", "w") as err:
+        return subprocess.Popen([sys.executable, str(script), str(tmp_path), me, mode, repr(dataclasses.asdict(SPEC))],
+                                cwd=tmp_path, env=env, stdout=out, stderr=err)
 
 
 def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[str, str]:
-    out, err = process.communicate(timeout=timeout)
+    """Wait for a client; its stdout and stderr. A client still running on failure is killed."""
+    try:
+        process.wait(timeout=timeout)
+    finally:
+        if process.poll() is None:  # e.g. waiting on a lock nobody holds
+            process.kill()
+            process.wait()
+    me, folder = process.args[3], Path(process.args[2])
+    out, err = (folder / f"{me}.out").read_text(), (folder / f"{me}.err").read_text()
     assert process.returncode == 0, err[-3000:]
     return out, err
 
@@ -256,7 +266,13 @@ def entries(tmp_path: Path) -> list[str]:
 
 def test_two_processes_that_need_the_same_expert_fine_tune_it_once(tmp_path):
     key = SPEC.key()
-    results = [finish(p) for p in [client(tmp_path, me, "race") for me in ("a", "b")]]
+    processes = [client(tmp_path, me, "race") for me in ("a", "b")]
+    try:
+        results = [finish(p) for p in processes]
+    finally:
+        for process in processes:
+            process.kill()  # a no-op on a finished process
+            process.wait()
     assert len((tmp_path / "finetunes").read_text().split()) == 1
     assert [out.strip() for out, _ in results] == [str(tmp_path / "cache" / "experts" / key)] * 2
     waiting = [err for _, err in results if f"waiting for another process fine-tuning {key}" in err]
@@ -270,15 +286,17 @@ def test_two_processes_that_need_the_same_expert_fine_tune_it_once(tmp_path):
 def test_a_process_killed_while_fine_tuning_blocks_nobody(tmp_path):
     key = SPEC.key()
     hung = client(tmp_path, "killed", "hang")
-    deadline = time.monotonic() + 120
-    while not (tmp_path / "started").exists():
-        assert hung.poll() is None and time.monotonic() < deadline, hung.communicate()[1][-3000:]
-        time.sleep(0.05)
-    with open(tmp_path / "cache" / "experts" / f".{key}.lock") as lock:  # it does hold the entry's lock
-        with pytest.raises(BlockingIOError):
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    os.kill(hung.pid, signal.SIGKILL)
-    hung.communicate(timeout=60)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "started").exists():
+            assert hung.poll() is None and time.monotonic() < deadline, (tmp_path / "killed.err").read_text()[-3000:]
+            time.sleep(0.05)
+        with open(tmp_path / "cache" / "experts" / f".{key}.lock") as lock:  # it does hold the entry's lock
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.kill(hung.pid, signal.SIGKILL)
+        hung.wait(timeout=60)
 
     out, err = finish(client(tmp_path, "next", "once"))
     assert out.strip() == str(tmp_path / "cache" / "experts" / key)
