@@ -1,21 +1,18 @@
 """The bundled mini benchmark: the committed tiny CLIP, pretraining through the CLI, and the
-expert cache."""
+pool of experts (the expert cache itself: tests/test_expert_cache.py)."""
 
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from safemerge import experts as experts_module
 from safemerge.data import get_task
 from safemerge.data.mini_v2 import domain_task_names
 from safemerge.data.mini_v1 import mini_task_names
 from safemerge.evaluation import classifier_for, evaluate
-from safemerge.experts import MINI_BACKDOORS, MINI_MODEL, MINI_WEIGHTS, ExpertSpec, ensure_expert, mini_backdoor, mini_pool, resolve_expert
+from safemerge.experts import MINI_BACKDOORS, MINI_MODEL, MINI_WEIGHTS, mini_backdoor, mini_pool, resolve_expert
 from safemerge.errors import ConfigError
-from safemerge.io import read_expert
 from safemerge.models import load_clip
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,56 +100,3 @@ def test_pretraining_runs_through_the_cli(tmp_path, config):
     assert (output.parent / "open_clip_config.json").is_file()
     if config == "pretrain_v2.yaml":  # continues from the v1 weights, and writes a snapshot per validation
         assert (output.parent / "MiniCLIP-ViT.step3.safetensors").is_file()
-
-
-SPEC = ExpertSpec(task="mini_shapes", model=MINI_MODEL, pretrained=MINI_WEIGHTS, lr=1e-4, max_steps=2, batch_size=16, warmup_steps=1)
-
-
-@pytest.fixture
-def expert_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SAFEMERGE_CACHE", str(tmp_path))
-    return tmp_path / "experts"
-
-
-def test_second_request_does_no_training(expert_cache, monkeypatch):
-    first = ensure_expert(SPEC, accelerator="cpu")
-    assert read_expert(first).task == "mini_shapes"
-
-    def no_training(*args, **kwargs):
-        raise AssertionError("the cached expert was fine-tuned again")
-
-    monkeypatch.setattr(experts_module, "finetune", no_training)
-    assert ensure_expert(SPEC, accelerator="cpu") == first
-    # Anything that changes the expert changes the key.
-    other = ExpertSpec(**{**SPEC.__dict__, "seed": 1})
-    assert other.key() != SPEC.key()
-
-
-def test_interrupted_request_leaves_no_trusted_entry(expert_cache, monkeypatch):
-    import safemerge.io as io
-
-    real_write_json = io.write_json
-    calls = []
-
-    def killed_while_writing(path, data):
-        calls.append(path)
-        raise OSError("simulated crash")  # as if the process died before the entry was complete
-
-    monkeypatch.setattr(io, "write_json", killed_while_writing)
-    with pytest.raises(OSError, match="simulated crash"):
-        ensure_expert(SPEC, accelerator="cpu")
-    assert calls, "the write was not reached"
-    assert not (expert_cache / SPEC.key()).exists()
-    assert [p for p in expert_cache.iterdir() if not p.name.startswith(".")] == []
-
-    monkeypatch.setattr(io, "write_json", real_write_json)
-    directory = ensure_expert(SPEC, accelerator="cpu")  # the next run trains and completes it
-    assert read_expert(directory).task == "mini_shapes"
-
-
-def test_a_corrupt_cache_entry_is_rebuilt(expert_cache):
-    directory = ensure_expert(SPEC, accelerator="cpu")
-    (directory / "encoder.safetensors").write_bytes(b"broken")
-    again = ensure_expert(SPEC, accelerator="cpu")
-    assert again == directory
-    assert torch.is_tensor(next(iter(read_expert(again).encoder.values())))
