@@ -108,7 +108,7 @@ class MergeModule(L.LightningModule):
         self.task_names = pool.tasks
         self.backdoors, self.backdoor_info = backdoors_of(pool.experts, self.task_names)
         tasks = [get_task(t) for t in self.task_names]
-        self.classifier = classifier_for(self.clip, tasks, {e.task: e.head for _, e in pool if e.head is not None})
+        self.classifier = classifier_for(self.clip, tasks, {e.task: e.head for _, e in pool.experts if e.head is not None})
         self.clip.model = None  # the text tower's job ends with the heads
         states = pool.encoders
         self.encoder = MergedEncoder(
