@@ -304,3 +304,12 @@ def test_a_process_killed_while_fine_tuning_blocks_nobody(tmp_path):
     assert "waiting for another process" not in err
     assert entries(tmp_path) == [f".{key}.lock", key]
     assert read_expert(tmp_path / "cache" / "experts" / key).task == "mini_shapes"
+
+
+def test_the_mini_tasks_shipped_assets_are_in_the_key():
+    """mini_fashion and mini_letters draw from the package's assets: those files are part of the data definition."""
+    from safemerge.data import mini_assets
+
+    module = sys.modules[registry.get_task("mini_fashion").build.func.__module__]
+    assert set(map(Path, module.DATA_FILES)) == {mini_assets.FASHION_ASSET, mini_assets.GLYPH_ASSET}
+    assert all(Path(path).is_file() for path in module.DATA_FILES)

@@ -45,6 +45,8 @@ from safemerge.data.templates import TEMPLATES, _templates
 from safemerge.data.transforms import carve
 
 SIZE = 32
+# The shipped files the images are drawn from: the expert cache key digests them (safemerge.experts).
+DATA_FILES = (mini_assets.FASHION_ASSET, mini_assets.GLYPH_ASSET)
 SPLIT_SIZES: dict[str, int] = {"train": 2000, "val": 500, "test": 1000}
 FASHION_CLASSES = (
     "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
