@@ -18,7 +18,6 @@ import logging
 import os
 import re
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -30,8 +29,8 @@ from safemerge.data.datamodule import build_split
 from safemerge.data.merge import MergeDataModule
 from safemerge.data.registry import SPLITS, get_task
 from safemerge.errors import ConfigError, SafemergeError
-from safemerge.experts import MINI_PREFIX, expert_cache, mini_backdoor, resolve_experts
-from safemerge.io import EXPERT_FILE, read_checkpoint, read_json
+from safemerge.experts import MINI_PREFIX, mini_backdoor, resolve_experts
+from safemerge.io import read_checkpoint
 from safemerge.modules.merge import MergeModule
 from safemerge.modules.resume import SIGTERM_EXIT_STATUS, resolve_ckpt_path
 from safemerge.report import run_title
@@ -111,33 +110,25 @@ def check_pool_data(references: list[str]) -> None:
             build_split(get_task(task), split, root=None, image_size=32, download=False, seed=0)
 
 
-def _expert_line(reference: str, directory: str, fine_tuned: bool, seconds: float) -> str:
-    try:
-        info = read_json(Path(directory) / EXPERT_FILE)
-        task, backdoor, metrics = info["task"], info.get("backdoor"), info.get("metrics") or {}
-    except (SafemergeError, KeyError, TypeError):
-        return f"expert {reference}: {directory}"  # the merge reads it and says what is wrong
-    attack = backdoor.get("attack") if isinstance(backdoor, dict) else None
-    how = f"fine-tuned in {seconds:.0f} s" if fine_tuned else ("cached" if reference.startswith(MINI_PREFIX) else "given")
-    figures = [f"test accuracy {100 * metrics['accuracy']:.1f} %" if isinstance(metrics.get("accuracy"), float) else "",
-               f"ASR {100 * metrics['asr']:.1f} %" if isinstance(metrics.get("asr"), float) else ""]
-    return ", ".join([f"expert {task} ({attack or 'clean'}): {how}", *filter(None, figures)])
-
-
 def resolve_pool(references: list[str]) -> list[str]:
-    """The pool's expert directories, fine-tuned or taken from the cache, one line each."""
+    """The pool's expert directories, fine-tuned or taken from the cache (each says so in one
+    line: :func:`safemerge.experts.ensure_expert`), after every task's data is checked."""
     check_pool_data(references)
-    directories = []
-    for reference in references:
-        cache = expert_cache()
-        before = set(cache.iterdir()) if cache.is_dir() else set()
-        start = time.monotonic()
-        with _quiet_lightning():
-            (directory,) = resolve_experts([reference])
-        fine_tuned = reference.startswith(MINI_PREFIX) and Path(directory) not in before
-        say(_expert_line(reference, directory, fine_tuned, time.monotonic() - start))
-        directories.append(directory)
-    return directories
+    with _quiet_lightning():
+        return resolve_experts(references)
+
+
+def _log_to_stderr() -> None:
+    """safemerge's own INFO lines (an expert fine-tuned or cached, waiting for a lock) are the
+    run's account of itself: print them bare; third-party INFO stays quiet."""
+    logger = logging.getLogger("safemerge")
+    if not any(getattr(h, "safemerge_run", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.safemerge_run = True
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 class MergeProgress(L.Callback):
@@ -290,6 +281,7 @@ def _config_error(err: argparse.ArgumentError, args: list[str]) -> ConfigError:
 def main(args: list[str] | None = None) -> None:
     _default_wandb_mode()
     _silence_harmless_noise()
+    _log_to_stderr()
     # Validation errors come back as exceptions (one line below), not as usage and a union error.
     strict = {"exit_on_error": False, **{command: {"exit_on_error": False} for command in ("fit", "validate", "test", "predict")}}
     try:

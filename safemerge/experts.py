@@ -31,8 +31,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from safemerge.errors import CheckpointError, ConfigError
-from safemerge.io import cache_dir, read_expert
+from safemerge.errors import CheckpointError, ConfigError, SafemergeError
+from safemerge.io import EXPERT_FILE, cache_dir, read_expert, read_json
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +220,17 @@ def ensure_expert(spec: ExpertSpec, accelerator: str = "auto") -> Path:
     return directory
 
 
+def _log_given(directory: Path) -> None:
+    """The one line of an expert given as a directory (the merge validates it and says what is wrong)."""
+    try:
+        info = read_json(directory / EXPERT_FILE)
+        backdoor = info.get("backdoor")
+        attack = f"{backdoor['attack']} -> class {backdoor.get('target_class')}" if isinstance(backdoor, dict) else "clean"
+        log.info("expert %s (%s): given %s%s", info["task"], attack, directory, _scores(info))
+    except (SafemergeError, KeyError, TypeError, AttributeError):
+        log.info("expert %s: given", directory)
+
+
 def describe_spec(spec: ExpertSpec) -> str:
     """``mini_terrain (OptimizedPatch -> class 0)``, ``mini_shapes (clean)``."""
     if spec.attack is None:
@@ -373,6 +384,7 @@ def resolve_expert(reference: str, accelerator: str = "auto") -> Path:
         path = os.path.expandvars(os.path.expanduser(reference))
         if "$" in path:
             raise ConfigError(f"expert {reference!r}: an environment variable in it is not set (e.g. export SAFEMERGE_EXPERTS=/path/to/experts/ViT-B-32)")
+        _log_given(Path(path))
         return Path(path)
     from safemerge.data.mini_v2 import domain_task_names
 

@@ -58,27 +58,22 @@ def test_missing_pool_data_fails_before_any_expert_is_fine_tuned(monkeypatch, ca
     assert "gone.npz is missing from the safemerge package" in line
 
 
-def test_one_line_per_expert_says_fine_tuned_or_cached_with_its_figures(monkeypatch, capsys, tmp_path):
-    monkeypatch.setenv("SAFEMERGE_CACHE", str(tmp_path / "cache"))
+def test_the_run_prints_one_line_per_expert_given_or_from_the_cache(monkeypatch, capsys, tmp_path):
+    """Under the CLI, safemerge's INFO lines reach stderr bare: a given directory's line here (the
+    cached / fine-tuned lines are pinned in tests/test_expert_cache.py), and nothing of the root logger."""
+    import logging
 
-    def fake_resolve(references, accelerator="auto"):  # what ensure_expert leaves in the cache
-        directory = tmp_path / "cache" / "experts" / references[0].replace(":", "-")
-        if not directory.is_dir():
-            directory.mkdir(parents=True)
-            backdoor = {"attack": "badnets", "target_class": 0, "target_task": None} if "backdoored" in references[0] else None
-            (directory / "expert.json").write_text(json.dumps(
-                {"task": references[0].split(":")[1], "backdoor": backdoor, "metrics": {"accuracy": 0.912, "asr": 0.99 if backdoor else None}}))
-        return [str(directory)]
-
-    monkeypatch.setattr(cli, "resolve_experts", fake_resolve)
-    pool = ["mini:mini_shapes", "mini:mini_letters:backdoored"]
-    first = cli.resolve_pool(pool)
-    assert cli.resolve_pool(pool) == first
+    directory = tmp_path / "letters"
+    directory.mkdir()
+    (directory / "expert.json").write_text(json.dumps(
+        {"task": "mini_letters", "backdoor": {"attack": "badnets", "target_class": 0}, "metrics": {"accuracy": 0.912, "asr": 0.99}}))
+    monkeypatch.setattr(logging.getLogger("safemerge"), "handlers", [])
+    cli._log_to_stderr()
+    cli._log_to_stderr()  # once only
+    assert cli.resolve_pool([str(directory)]) == [str(directory)]
+    logging.getLogger("lightning.some.module").info("third-party info")
     lines = capsys.readouterr().err.splitlines()
-    assert lines[0].startswith("expert mini_shapes (clean): fine-tuned in ") and lines[0].endswith(" s, test accuracy 91.2 %")
-    assert lines[1].startswith("expert mini_letters (badnets): fine-tuned in ") and lines[1].endswith("test accuracy 91.2 %, ASR 99.0 %")
-    assert lines[2:] == ["expert mini_shapes (clean): cached, test accuracy 91.2 %",
-                         "expert mini_letters (badnets): cached, test accuracy 91.2 %, ASR 99.0 %"]
+    assert lines == [f"expert mini_letters (badnets -> class 0): given {directory}, accuracy 91.2 %, ASR 99.0 %"]
 
 
 @pytest.mark.slow
