@@ -67,7 +67,7 @@ def moved_mask():
 
 @pytest.mark.parametrize("mask", [torch.ones(2, 12), moved_mask()], ids=["first-step", "moved-mask"])
 def test_one_sau_step_unlearns_only_the_shared_adversarial_examples_against_the_frozen_reference(mask):
-    images, labels = toy.clean_images(n=8)
+    images, _ = toy.clean_images(n=8)
     expected, shared = expected_gradient(mask, images)
     # the toy separates the right selection from the wrong ones
     assert 0 < int(shared.sum()) < len(images), shared  # some adversarial images are not shared
