@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from safemerge.data import domains, mini
+from safemerge.data import domains
 from safemerge.data.domains import DOMAINS, UNNAMED_IN_CAPTIONS, DomainCaptions, DomainTaskDataset, domain_task_names
 from safemerge.data.registry import get_task
 from safemerge.errors import DatasetNotFoundError
