@@ -115,6 +115,7 @@ def _outcome(out: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return load_tensors(out / "learned.safetensors"), report
 
 
+@pytest.mark.slow  # two more merges (~90 s here); the fast AWM resume tests cover the shared Defense.resumed path
 def test_sau_interrupted_inside_the_defence_resumes_with_ckpt_path_last_to_the_uninterrupted_result(
         pool, single, tmp_path):
     """SIGTERM after 3 of 5 steps (2 λ steps, then 1 of 3 SAU steps: the mask and its Adam
