@@ -274,7 +274,11 @@ def write_expert(directory: str | os.PathLike, expert: Expert) -> Path:
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old.{os.getpid()}")
             os.replace(directory, old)
-            os.replace(tmp, directory)
+            try:
+                os.replace(tmp, directory)
+            except BaseException:  # put the old expert back: a failed replace must not lose it
+                os.replace(old, directory)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, directory)

@@ -111,18 +111,7 @@ def test_defence_switches_off_the_backdoor_weight_and_keeps_the_clean_ones(make_
     assert (predictions(learner, weights, triggered(images))[labels == 1] == 1).all()
 
 
-def test_a_defence_sits_on_top_of_the_method_and_starts_from_its_weights():
-    from safemerge.defenses import AWM
-
-    learner = toy_learner(AWM(steps=1))
-    before = learner.merged_weights()["proj.weight"]
-    assert torch.allclose(before, backdoored_update())  # the method's merge until the defence runs
-    train(learner, 1)
-    update = learner.defense_parts.masked_update.update(0)
-    assert torch.allclose(update, backdoored_update())  # Δ = merged − base
-    mask = learner.defense_parts.masked_update.mask[0].detach()
-    assert torch.allclose(learner.merged_weights()["proj.weight"], mask * update)
-    assert ((mask >= 0) & (mask <= 1)).all()
+# Δ = merged − base and θ0 + m ⊙ Δ over a non-zero base: tests/test_defense_toys.py; SAU step by step: tests/test_sau.py
 
 
 def test_defence_arguments_are_checked():

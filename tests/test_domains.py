@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from safemerge.data import mini_assets, mini_v1, mini_v2
+from safemerge.data import mini_assets, mini_v2
 from safemerge.data.mini_v2 import DOMAINS, UNNAMED_IN_CAPTIONS, DomainCaptions, DomainTaskDataset, domain_task_names
 from safemerge.data.registry import get_task
 from safemerge.errors import DatasetNotFoundError
@@ -74,15 +74,7 @@ def test_a_linear_probe_on_image_statistics_tells_the_domains_apart():
     assert probe.score(test, np.repeat(np.arange(len(TASKS)), 50)) >= 0.95
 
 
-def test_real_image_sources_are_partitioned_between_splits():
-    for label in range(10):
-        images, train = mini_v2._fashion_by_class("train")[label]
-        _, val = mini_v2._fashion_by_class("val")[label]
-        test_images, _ = mini_v2._fashion_by_class("test")[label]
-        assert not set(train.tolist()) & set(val.tolist())
-        assert test_images is not images  # the test split reads the t10k file
-    parts = {split: set(mini_v1.digit_indices(split).tolist()) for split in ("train", "val", "test")}
-    assert not (parts["train"] & parts["val"] or parts["train"] & parts["test"] or parts["val"] & parts["test"])
+# The real sources' splits (Fashion-MNIST, scikit-learn digits, texture tiles) and their labels: tests/test_mini_splits.py
 
 
 def _named_classes(task: str, text: str) -> set[int]:

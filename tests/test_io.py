@@ -1,14 +1,10 @@
-"""Checkpoint reading, atomic writes, and the expert-directory round trip."""
+"""Checkpoint reading and the expert-directory round trip (atomic writes: tests/test_atomic_writes.py)."""
 
-import json
 import os
 
-import pytest
 import torch
 
-from safemerge.io import (
-    Expert, expert_info, load_tensors, read_expert, save_tensors, write_expert, write_json,
-)
+from safemerge.io import Expert, expert_info, load_tensors, read_expert, save_tensors, write_expert
 
 
 def test_tensor_pickles_and_safetensors_load(tmp_path):
@@ -19,20 +15,6 @@ def test_tensor_pickles_and_safetensors_load(tmp_path):
         loaded = load_tensors(tmp_path / name)
         assert loaded.keys() == state.keys()
         assert all(torch.equal(loaded[k], state[k]) for k in state)
-
-
-def test_interrupted_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
-    path = tmp_path / "report.json"
-    write_json(path, {"ok": 1})
-
-    def fail(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(json, "dumps", fail)
-    with pytest.raises(KeyboardInterrupt):
-        write_json(path, {"ok": 2})
-    assert json.loads(path.read_text()) == {"ok": 1}
-    assert os.listdir(tmp_path) == ["report.json"]
 
 
 def _expert(tmp_path):

@@ -3,7 +3,7 @@
 Fast: every composition parses with the reference hyper-parameters, every file in
 configs/paper/ is part of one, the grid's dry run prints the pool's fine-tuning and every method
 × seed. Slow: every file runs for two steps at 224 px on tiny fake data with random weights (ViT-B-32;
-ViT-L-14 is built on the meta device), and the grid runs end to end on the mini pool.
+ViT-L-14 is built on the meta device), and the grid end to end (tests/test_grid_table.py).
 """
 
 import json
@@ -217,22 +217,4 @@ def test_vit_l14_paper_model_builds_at_224_px_on_the_meta_device():
     assert tower.image_size == (224, 224) and sum(p.numel() for p in tower.parameters()) > 300e6
 
 
-@pytest.mark.slow
-def test_paper_grid_runs_end_to_end_on_the_mini_pool(tmp_path):
-    """The same code path as the paper grid, on the mini pool: fine-tune six experts and a
-    backdoored one (few steps), merge with DAM (two steps), write the table and plot."""
-    command = [sys.executable, str(REPO / "scripts" / "paper_grid.py"), "--experts", str(tmp_path / "experts"),
-               "--model", "MiniCLIP-ViT", "--pretrained", "mini2", "--pool", "mini", "--attack", "badnets",
-               "--adversary", "mini_letters", "--methods", "dam_task_arithmetic", "--seeds", "0",
-               "--output", str(tmp_path / "out"),
-               "--finetune-args", " ".join(TWO_STEPS_FINETUNE[:5] + ["--trainer.precision=32", "--data.init_args.batch_size=16",
-                                                                     "--data.init_args.num_workers=0"]),
-               "--merge-args", "--model.init_args.method.init_args.steps=2 --trainer.precision=32 --trainer.logger=false "
-                               "--data.init_args.num_workers=0"]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=1800)
-    assert result.returncode == 0, result.stderr[-4000:]
-    out = tmp_path / "out" / "MiniCLIP-ViT" / "mini" / "badnets"  # <model>/<pool>/<attack>
-    assert (out / "comparison.md").is_file() and (out / "asr_vs_accuracy.png").is_file()
-    assert "dam_task_arithmetic" in (out / "comparison.md").read_text()
-    assert sorted(p.name for p in (tmp_path / "experts" / "MiniCLIP-ViT").iterdir()) == sorted(
-        ["mini_shapes", "mini_digits", "mini_fashion", "mini_textures", "mini_letters", "mini_terrain", "mini_letters-badnets"])
+# The grid end to end on the mini pool, its table against its reports: tests/test_grid_table.py

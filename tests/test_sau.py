@@ -1,0 +1,131 @@
+"""SAU (safemerge/defenses/sau.py) step by step against an independent computation on the toy
+of tests/defense_toys.py (non-zero base, a trigger pixel wired to class 0).
+
+One SAU step is recomputed here as plain tensor code: the pseudo-labels of the frozen
+pre-defence model, one signed-gradient step up the shared-wrong log-probability (ε-bounded),
+the shared examples (both models predict the same wrong class), and the gradient of
+``CE(clean) + adv_weight · CE(shared adversarial)`` with respect to the mask. The toy is built
+so that some adversarial images are NOT shared (the attack fails on class-0 images), and so
+that the frozen reference and the current masked model disagree once the mask has moved.
+"""
+
+import defense_toys as toy
+import pytest
+import torch
+import torch.nn.functional as F
+
+from safemerge.defenses import SAU
+
+EPS = 0.3
+
+
+def shared_wrong_log_probability(ours, theirs, labels):
+    """log Σ_{c≠y} p(c) p_ref(c), written out for two classes: the one wrong class."""
+    p, q = ours.softmax(-1), theirs.softmax(-1)
+    wrong = 1 - labels
+    return (p.gather(1, wrong[:, None]) * q.gather(1, wrong[:, None])).squeeze(1).log().mean()
+
+
+def expected_gradient(mask, images, adv_weight=1.0, keep=lambda shared: shared, reference_mask=None):
+    """The mask gradient of one SAU step with one attack step. ``keep`` and ``reference_mask``
+    let the test show that the toy tells the right selection and reference from the wrong ones."""
+    reference = toy.weights(torch.ones_like(mask) if reference_mask is None else reference_mask)
+    current = toy.weights(mask)
+    pseudo = toy.logits(reference, images).argmax(-1)
+    x = images.clone().requires_grad_(True)
+    objective = shared_wrong_log_probability(toy.logits(current, x), toy.logits(reference, x), pseudo)
+    (grad,) = torch.autograd.grad(objective, x)
+    adversarial = (images + EPS * grad.sign()).clamp(0, 1)  # one step of 2.5 ε, clipped to the ε ball
+    reference_predictions = toy.logits(reference, adversarial).argmax(-1)
+    m = mask.clone().requires_grad_(True)
+    clean_logits, adv_logits = toy.logits(toy.weights(m), images), toy.logits(toy.weights(m), adversarial)
+    shared = keep((adv_logits.argmax(-1) == reference_predictions) & (reference_predictions != pseudo))
+    loss = F.cross_entropy(clean_logits, pseudo) + adv_weight * (
+        F.cross_entropy(adv_logits, pseudo, reduction="none") * shared).sum() / len(images)
+    return torch.autograd.grad(loss, m)[0], shared
+
+
+def sau_gradient(mask, images, adv_weight=1.0):
+    learner = toy.learner(SAU(steps=1, mask_lr=0.01, perturbation_eps=EPS, attack_steps=1, adv_weight=adv_weight))
+    toy.set_mask(learner, mask)
+    record = toy.Recorder()
+    losses = learner.training_step(0, {"t": images}, learner.make_optimizers(), reduce=record)
+    assert len(record.grads) == 1  # one update: the mask
+    return record.grads[0], losses
+
+
+def moved_mask():
+    """A mask that has damped class 0's signal and bias but not the trigger: the current model
+    is easier to fool on class-0 images than the frozen reference, which the adversary fools
+    only on class-1 images (through the trigger). So class-0 adversarial examples fool the
+    current model alone: not shared, unless the reference were the current model."""
+    mask = torch.ones(2, 12)
+    mask[0, toy.SIGNAL_0] = 0.3
+    mask[0, toy.BIAS] = 0.5
+    return mask
+
+
+@pytest.mark.parametrize("mask", [torch.ones(2, 12), moved_mask()], ids=["first-step", "moved-mask"])
+def test_one_sau_step_unlearns_only_the_shared_adversarial_examples_against_the_frozen_reference(mask):
+    images, _ = toy.clean_images(n=8)
+    expected, shared = expected_gradient(mask, images)
+    # the toy separates the right selection from the wrong ones
+    assert 0 < int(shared.sum()) < len(images), shared  # some adversarial images are not shared
+    every_image, _ = expected_gradient(mask, images, keep=lambda s: torch.ones_like(s))
+    assert (every_image - expected).abs().max() > 1e-3
+    if not torch.equal(mask, torch.ones_like(mask)):  # the reference is frozen, not the current masked model
+        moving_reference, _ = expected_gradient(mask, images, reference_mask=mask)
+        assert (moving_reference - expected).abs().max() > 1e-3
+
+    gradient, losses = sau_gradient(mask, images)
+    assert torch.allclose(gradient, expected, atol=1e-5), (gradient - expected).abs().max()
+    assert losses["shared_fraction"] == pytest.approx(float(shared.float().mean()))
+
+
+def test_the_unlearning_term_is_weighted_by_adv_weight():
+    images, _ = toy.clean_images(n=8)
+    mask = moved_mask()
+    for adv_weight in (0.0, 2.5):
+        gradient, _ = sau_gradient(mask, images, adv_weight)
+        assert torch.allclose(gradient, expected_gradient(mask, images, adv_weight)[0], atol=1e-5), adv_weight
+
+
+@pytest.mark.parametrize("attack_steps", [1, 3])
+def test_shared_adversarial_examples_climb_the_shared_objective_inside_the_eps_ball(attack_steps):
+    """The examples are signed-gradient ascent on the shared-wrong log-probability of the
+    masked model and the reference: higher than on the clean images, no pixel moved by more
+    than ε, pixels in [0, 1]; with one step, exactly x + ε · sign(∇)."""
+    images, _ = toy.clean_images(n=8)
+    defense = SAU(steps=1, perturbation_eps=EPS, attack_steps=attack_steps)
+    learner = toy.learner(defense)
+    mask = moved_mask()
+    reference, current = toy.weights(torch.ones(2, 12)), toy.weights(mask)
+    pseudo = toy.logits(reference, images).argmax(-1)
+    adversarial = defense.shared_adversarial(
+        learner, {toy.NAME: current}, {toy.NAME: reference}, {"t": images}, {"t": pseudo})["t"]
+    assert float((adversarial - images).abs().max()) <= EPS + 1e-6
+    assert float((adversarial - images).abs().max()) >= EPS - 1e-6  # it uses its budget
+    assert adversarial.min() >= 0 and adversarial.max() <= 1
+
+    def objective(x):
+        return float(shared_wrong_log_probability(toy.logits(current, x), toy.logits(reference, x), pseudo))
+
+    assert objective(adversarial) > objective(images) + 0.5
+    if attack_steps == 1:
+        x = images.clone().requires_grad_(True)
+        shared_wrong_log_probability(toy.logits(current, x), toy.logits(reference, x), pseudo).backward()
+        assert torch.allclose(adversarial, (images + EPS * x.grad.sign()).clamp(0, 1))
+
+
+def test_sau_with_one_attack_step_the_shipped_setting_switches_off_the_backdoor_and_keeps_the_clean_weights():
+    defense = SAU(steps=60, mask_lr=0.05, perturbation_eps=0.5, attack_steps=1)
+    learner = toy.learner(defense)
+    optimizers = learner.make_optimizers()
+    for step in range(defense.steps):
+        learner.training_step(step, {"t": toy.clean_images(seed=step)[0]}, optimizers)
+    mask = toy.mask(learner).detach()
+    assert mask[0, toy.TRIGGER] < 0.1 and mask[0, toy.SIGNAL_0] > 0.9 and mask[1, toy.SIGNAL_1] > 0.9, mask
+    images, labels = toy.clean_images(seed=99)
+    weight = learner.merged_weights()[toy.NAME]
+    assert torch.equal(toy.logits(weight, images).argmax(-1), labels)
+    assert (toy.logits(weight, toy.triggered(images)).argmax(-1)[labels == 1] == 1).all()
