@@ -46,7 +46,7 @@ _HARMLESS_WANDB = ("The anonymous setting has no effect", "git root ")
 
 def say(message: str) -> None:
     """One line of the run's own account of what it does."""
-    print(message, file=sys.stderr, flush=True)
+    print(message, file=sys.stdout, flush=True)
 
 
 def _silence_harmless_noise() -> None:
@@ -118,17 +118,24 @@ def resolve_pool(references: list[str]) -> list[str]:
         return resolve_experts(references)
 
 
-def _log_to_stderr() -> None:
+class _CurrentStdout(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is when a line is logged (a test's capture, a redirect);
+    stderr is kept for the one ``error:`` line of a mistake."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stdout
+        super().emit(record)
+
+
+def _log_to_stdout() -> None:
     """safemerge's own INFO lines (an expert fine-tuned or cached, waiting for a lock) are the
-    run's account of itself: print them bare; third-party INFO stays quiet."""
+    run's account of itself: print them bare on stdout; third-party INFO stays quiet."""
     logger = logging.getLogger("safemerge")
-    if not any(getattr(h, "safemerge_run", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _CurrentStdout) for h in logger.handlers):
+        handler = _CurrentStdout()
         handler.setFormatter(logging.Formatter("%(message)s"))
-        handler.safemerge_run = True
         logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
+    logger.setLevel(logging.INFO)  # (the root logger has no handler in a run: nothing prints twice)
 
 
 class MergeProgress(L.Callback):
@@ -281,7 +288,7 @@ def _config_error(err: argparse.ArgumentError, args: list[str]) -> ConfigError:
 def main(args: list[str] | None = None) -> None:
     _default_wandb_mode()
     _silence_harmless_noise()
-    _log_to_stderr()
+    _log_to_stdout()
     # Validation errors come back as exceptions (one line below), not as usage and a union error.
     strict = {"exit_on_error": False, **{command: {"exit_on_error": False} for command in ("fit", "validate", "test", "predict")}}
     try:

@@ -46,7 +46,6 @@ FINETUNE_CODE: tuple[str, ...] = (
     "safemerge.attacks",  # triggers, poisoning, trigger optimisation
     "safemerge.data.datamodule",  # batches, poisoned and triggered views
     "safemerge.data.transforms",  # resizing, the split carve
-    "safemerge.data.merge",  # the triggered test views the attack success rate is measured on
     "safemerge.data.registry",  # task look-up
     "safemerge.data.tasks",  # prompts of a task
     "safemerge.evaluation",  # classifier_for: the frozen zero-shot heads
@@ -55,7 +54,11 @@ FINETUNE_CODE: tuple[str, ...] = (
 )
 # Imported by the code above but unable to change an expert: error messages, file I/O (whose
 # format read_expert checks on every use) and report tables.
-NOT_IN_KEY: tuple[str, ...] = ("safemerge.errors", "safemerge.io", "safemerge.report")
+# Reached (safemerge.data imports the merge datamodule) but never run by fine-tuning: the merge's
+# adaptation stream and its seeded generator; messages, file writing and reports.
+NOT_IN_KEY: tuple[str, ...] = (
+    "safemerge.data.merge", "safemerge.seeding", "safemerge.errors", "safemerge.io", "safemerge.report",
+)
 _CODE_SUFFIXES = (".py", ".json")
 
 

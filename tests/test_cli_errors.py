@@ -10,7 +10,7 @@ import pytest
 
 from safemerge import cli
 from safemerge.cli import main
-from safemerge.data import mini_assets
+from safemerge.data import mini_assets, mini_v2  # noqa: F401  (mini_v2 lists its assets at import: import it before a test patches one)
 
 REPO = Path(__file__).resolve().parents[1]
 MERGE = REPO / "configs"
@@ -59,7 +59,7 @@ def test_missing_pool_data_fails_before_any_expert_is_fine_tuned(monkeypatch, ca
 
 
 def test_the_run_prints_one_line_per_expert_given_or_from_the_cache(monkeypatch, capsys, tmp_path):
-    """Under the CLI, safemerge's INFO lines reach stderr bare: a given directory's line here (the
+    """Under the CLI, safemerge's INFO lines reach stdout bare: a given directory's line here (the
     cached / fine-tuned lines are pinned in tests/test_expert_cache.py), and nothing of the root logger."""
     import logging
 
@@ -68,11 +68,13 @@ def test_the_run_prints_one_line_per_expert_given_or_from_the_cache(monkeypatch,
     (directory / "expert.json").write_text(json.dumps(
         {"task": "mini_letters", "backdoor": {"attack": "badnets", "target_class": 0}, "metrics": {"accuracy": 0.912, "asr": 0.99}}))
     monkeypatch.setattr(logging.getLogger("safemerge"), "handlers", [])
-    cli._log_to_stderr()
-    cli._log_to_stderr()  # once only
+    cli._log_to_stdout()
+    cli._log_to_stdout()  # once only
     assert cli.resolve_pool([str(directory)]) == [str(directory)]
     logging.getLogger("lightning.some.module").info("third-party info")
-    lines = capsys.readouterr().err.splitlines()
+    captured = capsys.readouterr()
+    assert captured.err == ""  # stderr is for errors
+    lines = captured.out.splitlines()
     assert lines == [f"expert mini_letters (badnets -> class 0): given {directory}, accuracy 91.2 %, ASR 99.0 %"]
 
 
