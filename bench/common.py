@@ -37,7 +37,9 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def add_common_args(parser, tasks: str) -> None:
-    parser.add_argument("--tasks", default=tasks, help="comma-separated numbers of task vectors T, one fresh process each")
+    parser.add_argument(
+        "--tasks", default=tasks, help="comma-separated numbers of task vectors T, one fresh process each"
+    )
     parser.add_argument("--batch", type=int, default=8, help="images per task")
     parser.add_argument("--steps", type=int, default=3, help="measured steps (after --warmup)")
     parser.add_argument("--warmup", type=int, default=1)
@@ -48,9 +50,14 @@ def add_common_args(parser, tasks: str) -> None:
     parser.add_argument("--bf16", action="store_true", help="autocast the forward in bfloat16")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--src", default=None,
-                        help="benchmark the safemerge package of this source tree instead of the repo's (e.g. a worktree of an older commit)")
-    parser.add_argument("--out", default=None, help="JSON file for the results (default: bench/results/<script>_<device>.json)")
+    parser.add_argument(
+        "--src",
+        default=None,
+        help="benchmark the safemerge package of this source tree instead of the repo's (e.g. a worktree of an older commit)",
+    )
+    parser.add_argument(
+        "--out", default=None, help="JSON file for the results (default: bench/results/<script>_<device>.json)"
+    )
 
 
 def setup_torch(args) -> None:
@@ -227,7 +234,7 @@ def run_worker(argv: list[str], python: str = sys.executable, timeout: float = 9
     wall = time.perf_counter() - start
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            result = json.loads(line[len("RESULT "):])
+            result = json.loads(line[len("RESULT ") :])
             result["process_wall_s"] = wall
             return result
     return {"error": f"exit {proc.returncode}", "stderr": proc.stderr[-3000:], "argv": argv}
@@ -235,9 +242,26 @@ def run_worker(argv: list[str], python: str = sys.executable, timeout: float = 9
 
 def forwarded_args(args) -> list[str]:
     """The common options, to pass on to a worker."""
-    out = ["--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--model", args.model, "--image-size", str(args.image_size), "--classes", str(args.classes), "--device", args.device,
-           "--threads", str(args.threads), "--seed", str(args.seed)]
+    out = [
+        "--batch",
+        str(args.batch),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--model",
+        args.model,
+        "--image-size",
+        str(args.image_size),
+        "--classes",
+        str(args.classes),
+        "--device",
+        args.device,
+        "--threads",
+        str(args.threads),
+        "--seed",
+        str(args.seed),
+    ]
     return out + (["--bf16"] if args.bf16 else [])
 
 
@@ -254,8 +278,12 @@ def machine() -> dict:
     except (OSError, StopIteration):
         ram = float("nan")
     info = {
-        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "ram_gib": round(ram, 1),
-        "torch": torch.__version__, "python": platform.python_version(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "ram_gib": round(ram, 1),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }
     if torch.cuda.is_available():

@@ -34,11 +34,10 @@ import common  # noqa: E402
 
 
 def worker(args) -> dict:
-    import torch
 
+    from safemerge.merging import DAMAdaMerging
     from safemerge.merging.learner import MergeLearner
     from safemerge.merging.merged import MergedEncoder
-    from safemerge.merging import DAMAdaMerging
     from safemerge.models.classifier import ImageClassifier
 
     common.setup_torch(args)
@@ -52,7 +51,9 @@ def worker(args) -> dict:
     del experts
     classifier = ImageClassifier(tower, heads, common.MEAN, common.STD).to(device)
     method = DAMAdaMerging(granularity="layer", steps=10**6)
-    learner = MergeLearner(encoder, classifier, method, list(batch), image_size=args.image_size, seed=args.seed).to(device)
+    learner = MergeLearner(encoder, classifier, method, list(batch), image_size=args.image_size, seed=args.seed).to(
+        device
+    )
     optimizers = learner.make_optimizers()
     counter = iter(range(10**9))
 
@@ -110,8 +111,9 @@ def merge_share(args, learner, optimizers) -> dict:
             phases["inner"].append(timed(lambda: dummy_backward(masked(coefficients, fixed), [coefficients]))[0])
             with torch.no_grad():
                 phases["pseudo"].append(timed(lambda: masked(coefficients.detach(), fixed))[0])
-            phases["mask"].append(timed(lambda: dummy_backward(
-                masked(coefficients.detach(), sample), list(mask.parameters())))[0])
+            phases["mask"].append(
+                timed(lambda: dummy_backward(masked(coefficients.detach(), sample), list(mask.parameters())))[0]
+            )
         for p, g in zip(mask.parameters(), grads):
             p.grad = g
         phases["adam"].append(timed(lambda: optimizers["mask"].step())[0])
@@ -130,10 +132,20 @@ def driver(args) -> None:
             argv.append("--no-merge-share")
         result = common.run_worker(["bench/dam_step.py", "--worker", *argv], src=args.src)
         result.setdefault("tasks", T)
-        print(f"T={T} " + (
-            f"{result['median_s']:.1f} s/step  peak {result['peak_rss_mb']:.0f} MB  base {result['rss_base_mb']:.0f} MB"
-            + (f"  merge {result['merge']['total_s']:.1f} s ({100 * result['merge_share']:.0f} %)" if result.get("merge") else "")
-            if "error" not in result else f"ERROR {result['error']}\n{result['stderr']}"), flush=True)
+        print(
+            f"T={T} "
+            + (
+                f"{result['median_s']:.1f} s/step  peak {result['peak_rss_mb']:.0f} MB  base {result['rss_base_mb']:.0f} MB"
+                + (
+                    f"  merge {result['merge']['total_s']:.1f} s ({100 * result['merge_share']:.0f} %)"
+                    if result.get("merge")
+                    else ""
+                )
+                if "error" not in result
+                else f"ERROR {result['error']}\n{result['stderr']}"
+            ),
+            flush=True,
+        )
         results["runs"].append(result)
         common.save(results, args, "dam_step")
     print(table(results["runs"]))
@@ -142,8 +154,10 @@ def driver(args) -> None:
 
 def table(runs: list[dict]) -> str:
     runs = [r for r in runs if "error" not in r]
-    lines = ["| T | s/step (median) | s/step per task | merge s/step | merge share | peak RSS MB | base RSS MB | step extra MB |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| T | s/step (median) | s/step per task | merge s/step | merge share | peak RSS MB | base RSS MB | step extra MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in sorted(runs, key=lambda r: r["tasks"]):
         merge = r.get("merge") or {}
         lines.append(

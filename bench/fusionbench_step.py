@@ -57,8 +57,11 @@ def worker(args) -> dict:
     num_layers = len([p for p in pretrained.parameters() if p.requires_grad])
     module = LayerWiseMergedModel(
         layer_wise_weight=get_layer_wise_weights(T, num_layers, init_values=0.3).to(device),
-        pretrained_model=pretrained, finetuned_models=finetuned,
-        clamp_weights=False, tie_weights=True, strict=False,
+        pretrained_model=pretrained,
+        finetuned_models=finetuned,
+        clamp_weights=False,
+        tie_weights=True,
+        strict=False,
     )
     del finetuned
     module.train()
@@ -85,6 +88,7 @@ def worker(args) -> dict:
         return [entropy_loss(compute_logits(images[t], t)) for t in tasks]
 
     if use_mask:
+
         def step():
             with common.autocast(args):
                 module.merge_weights(task_vector_mask=sample_mask())
@@ -92,6 +96,7 @@ def worker(args) -> dict:
             total_loss.backward()
             zero_grad()
     else:
+
         def step():
             with common.autocast(args):
                 module.merge_weights()
@@ -129,8 +134,15 @@ def worker(args) -> dict:
     times = common.time_steps(step, args.warmup, args.steps, device)
     info = memory.steps_done()
     parts = breakdown() if args.breakdown else {}
-    return {"variant": args.variant, "tasks": T, "batch": B, **common.summarize(times), **info, "breakdown": parts,
-            "num_layers": num_layers}
+    return {
+        "variant": args.variant,
+        "tasks": T,
+        "batch": B,
+        **common.summarize(times),
+        **info,
+        "breakdown": parts,
+        "num_layers": num_layers,
+    }
 
 
 def main() -> None:

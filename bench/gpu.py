@@ -32,9 +32,25 @@ TARGET = 1.1  # merged step / floor
 
 
 def _argv(setting: dict, bf16: bool, threads: int) -> list[str]:
-    return ["--num-tasks", str(setting["tasks"]), "--batch", str(setting["batch"]), "--steps", str(setting["steps"]),
-            "--warmup", str(setting["warmup"]), "--model", setting["model"], "--image-size", str(setting["image_size"]),
-            "--device", setting["device"], "--threads", str(threads), *(["--bf16"] if bf16 else [])]
+    return [
+        "--num-tasks",
+        str(setting["tasks"]),
+        "--batch",
+        str(setting["batch"]),
+        "--steps",
+        str(setting["steps"]),
+        "--warmup",
+        str(setting["warmup"]),
+        "--model",
+        setting["model"],
+        "--image-size",
+        str(setting["image_size"]),
+        "--device",
+        setting["device"],
+        "--threads",
+        str(threads),
+        *(["--bf16"] if bf16 else []),
+    ]
 
 
 def _peak_mb(result: dict) -> float:
@@ -43,8 +59,10 @@ def _peak_mb(result: dict) -> float:
 
 def measure(setting: dict, bf16: bool, threads: int) -> dict:
     argv = _argv(setting, bf16, threads)
-    runs = {variant: common.run_worker(["bench/merged_step.py", "--worker", *argv, "--variant", variant])
-            for variant in ("floor", "ours", "ours_lambda")}
+    runs = {
+        variant: common.run_worker(["bench/merged_step.py", "--worker", *argv, "--variant", variant])
+        for variant in ("floor", "ours", "ours_lambda")
+    }
     runs["dam"] = common.run_worker(["bench/dam_step.py", "--worker", *argv, "--no-merge-share"])
     errors = {k: r for k, r in runs.items() if "error" in r}
     if errors:
@@ -52,8 +70,12 @@ def measure(setting: dict, bf16: bool, threads: int) -> dict:
     step = {k: r["median_s"] for k, r in runs.items()}
     return {
         "precision": "bf16-mixed" if bf16 else "fp32",
-        "floor_s": step["floor"], "merged_step_s": step["ours"], "lambda_step_s": step["ours_lambda"], "dam_step_s": step["dam"],
-        "merged_over_floor": step["ours"] / step["floor"], "meets_target": step["ours"] / step["floor"] <= TARGET,
+        "floor_s": step["floor"],
+        "merged_step_s": step["ours"],
+        "lambda_step_s": step["ours_lambda"],
+        "dam_step_s": step["dam"],
+        "merged_over_floor": step["ours"] / step["floor"],
+        "meets_target": step["ours"] / step["floor"] <= TARGET,
         "peak_mb": {k: _peak_mb(r) for k, r in runs.items()},
         "paper_dam_merge_h": (MASK_STEPS * step["dam"] + ADAMERGING_STEPS * step["ours_lambda"]) / 3600,
         "runs": runs,
@@ -63,7 +85,8 @@ def measure(setting: dict, bf16: bool, threads: int) -> dict:
 def table(rows: list[dict], setting: dict) -> str:
     lines = [
         f"{setting['model']}, {setting['image_size']} px, T = {setting['tasks']}, {setting['batch']} images per task, "
-        f"{setting['device']}; median of {setting['steps']} steps after {setting['warmup']} warm-up.", "",
+        f"{setting['device']}; median of {setting['steps']} steps after {setting['warmup']} warm-up.",
+        "",
         "| precision | floor s/step | merged step s | merged / floor (target ≤ 1.1) | λ-only step s | DAM step s "
         "| peak MB: floor / merged / DAM | paper DAM merge (1000 + 1000 steps) |",
         "|---|---|---|---|---|---|---|---|",
@@ -73,7 +96,8 @@ def table(rows: list[dict], setting: dict) -> str:
         lines.append(
             f"| {r['precision']} | {r['floor_s']:.3f} | {r['merged_step_s']:.3f} | {r['merged_over_floor']:.2f}"
             f"{' (met)' if r['meets_target'] else ' (missed)'} | {r['lambda_step_s']:.3f} | {r['dam_step_s']:.3f} "
-            f"| {peak['floor']:.0f} / {peak['ours']:.0f} / {peak['dam']:.0f} | {r['paper_dam_merge_h']:.2f} h |")
+            f"| {peak['floor']:.0f} / {peak['ours']:.0f} / {peak['dam']:.0f} | {r['paper_dam_merge_h']:.2f} h |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -50,8 +50,13 @@ def tower_parameters(model: str) -> dict:
 
     tower = open_clip.create_model(model, device="meta").visual
     tensors = {name: t.numel() for name, t in tower.state_dict().items() if t.is_floating_point()}
-    return {"model": model, "tensors": len(tensors), "parameters": sum(tensors.values()),
-            "largest_tensor": max(tensors.values()), "fp32_bytes": 4 * sum(tensors.values())}
+    return {
+        "model": model,
+        "tensors": len(tensors),
+        "parameters": sum(tensors.values()),
+        "largest_tensor": max(tensors.values()),
+        "fp32_bytes": 4 * sum(tensors.values()),
+    }
 
 
 def saved_bytes(model: str, image_size: int, batch: int, bf16: bool) -> float:
@@ -89,8 +94,15 @@ def state_bytes(P: int, T: int, method: str, vector_bytes: int = 4) -> float:
     return MODEL_SIZED[method] * 4 * P + T * vector_bytes * P
 
 
-def peak_bytes(P: int, T: int, method: str, act: tuple[float, float], batch: int = 16,
-               vector_bytes: int = 4, chunk: int | None = None) -> float:
+def peak_bytes(
+    P: int,
+    T: int,
+    method: str,
+    act: tuple[float, float],
+    batch: int = 16,
+    vector_bytes: int = 4,
+    chunk: int | None = None,
+) -> float:
     """Projected peak of one step: state + activations of the images alive at once (``act``:
     bytes per image and per forward, from :func:`activations`)."""
     images = FORWARD_IMAGES[method] * T * batch
@@ -111,8 +123,13 @@ def projections(towers: dict, tasks: list[int], batch: int) -> list[dict]:
     for model, info in towers.items():
         for method in ("dam", "adamerging"):
             for T in tasks:
-                row = {"model": model, "method": method, "T": T, "batch": batch,
-                       "state_gb": state_bytes(info["parameters"], T, method) / GB}
+                row = {
+                    "model": model,
+                    "method": method,
+                    "T": T,
+                    "batch": batch,
+                    "state_gb": state_bytes(info["parameters"], T, method) / GB,
+                }
                 for name, (bf16, vector_bytes, chunk) in SETTINGS.items():
                     act = info["act_bf16"] if bf16 else info["act_fp32"]
                     row[name] = peak_bytes(info["parameters"], T, method, act, batch, vector_bytes, chunk) / GB
@@ -124,23 +141,50 @@ def table(rows: list[dict]) -> str:
     header = ["model", "method", "T", "state GB (fp32 τ)", *[f"peak GB: {s}" for s in SETTINGS]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        lines.append("| " + " | ".join([r["model"], r["method"], str(r["T"]), f"{r['state_gb']:.1f}",
-                                        *[f"{r[s]:.1f}" for s in SETTINGS]]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [r["model"], r["method"], str(r["T"]), f"{r['state_gb']:.1f}", *[f"{r[s]:.1f}" for s in SETTINGS]]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
 def validate(args, tower: dict) -> dict:
     """A real DAM mask step (bench/dam_step.py) against the projection at the same T and batch."""
     T, batch = 2, 2
-    argv = ["bench/dam_step.py", "--worker", "--num-tasks", str(T), "--batch", str(batch), "--steps", "1", "--warmup", "1",
-            "--model", tower["model"], "--threads", str(args.threads), "--no-merge-share"]
+    argv = [
+        "bench/dam_step.py",
+        "--worker",
+        "--num-tasks",
+        str(T),
+        "--batch",
+        str(batch),
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--model",
+        tower["model"],
+        "--threads",
+        str(args.threads),
+        "--no-merge-share",
+    ]
     result = common.run_worker(argv)
     if "error" in result:
         return result
     measured = (result["peak_rss_mb"] - result["rss_import_mb"]) * 2**20
     projected = peak_bytes(tower["parameters"], T, "dam", tower["act_fp32"], batch)
-    return {"model": tower["model"], "T": T, "batch": batch, "measured_gb": measured / GB, "projected_gb": projected / GB,
-            "measured_over_projected": measured / projected, "dam_step": result}
+    return {
+        "model": tower["model"],
+        "T": T,
+        "batch": batch,
+        "measured_gb": measured / GB,
+        "projected_gb": projected / GB,
+        "measured_over_projected": measured / projected,
+        "dam_step": result,
+    }
 
 
 def main() -> None:
@@ -151,7 +195,9 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--act-batch", type=int, default=1, help="images of the smaller measured forward")
     parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--validate", action="store_true", help="measure a real DAM step of the first model (T = 2, batch 2)")
+    parser.add_argument(
+        "--validate", action="store_true", help="measure a real DAM step of the first model (T = 2, batch 2)"
+    )
     parser.add_argument("--out", default=str(common.RESULTS / "memory.json"))
     args = parser.parse_args()
     if args.threads:
@@ -163,12 +209,21 @@ def main() -> None:
         info["act_fp32"] = activations(model, args.image_size, args.act_batch, bf16=False)
         info["act_bf16"] = activations(model, args.image_size, args.act_batch, bf16=True)
         towers[model] = info
-        print(f"{model}: {info['parameters'] / 1e6:.1f} M parameters in {info['tensors']} tensors "
-              f"({info['fp32_bytes'] / GB:.2f} GB fp32); saved for backward at {args.image_size} px: "
-              f"{info['act_fp32'][0] / 2**20:.1f} MiB per image fp32, {info['act_bf16'][0] / 2**20:.1f} MiB per image "
-              f"+ {info['act_bf16'][1] / 2**20:.0f} MiB per forward bf16-mixed", flush=True)
+        print(
+            f"{model}: {info['parameters'] / 1e6:.1f} M parameters in {info['tensors']} tensors "
+            f"({info['fp32_bytes'] / GB:.2f} GB fp32); saved for backward at {args.image_size} px: "
+            f"{info['act_fp32'][0] / 2**20:.1f} MiB per image fp32, {info['act_bf16'][0] / 2**20:.1f} MiB per image "
+            f"+ {info['act_bf16'][1] / 2**20:.0f} MiB per forward bf16-mixed",
+            flush=True,
+        )
     rows = projections(towers, [int(t) for t in args.tasks.split(",")], args.batch)
-    results = {"benchmark": "memory", "machine": common.machine(), "config": vars(args), "towers": towers, "projections": rows}
+    results = {
+        "benchmark": "memory",
+        "machine": common.machine(),
+        "config": vars(args),
+        "towers": towers,
+        "projections": rows,
+    }
     if args.validate:
         results["validation"] = validate(args, next(iter(towers.values())))
         print("validation:", json.dumps({k: v for k, v in results["validation"].items() if k != "dam_step"}))

@@ -157,9 +157,15 @@ def driver(args) -> None:
                 result = common.run_worker(["bench/merged_step.py", "--worker", *argv], src=args.src)
             result.setdefault("variant", variant)
             result.setdefault("tasks", T)
-            print(f"T={T} {variant:12s} " + (
-                f"{result['median_s']:.2f} s/step  peak {result['peak_rss_mb']:.0f} MB  base {result['rss_base_mb']:.0f} MB"
-                if "error" not in result else f"ERROR {result['error']}\n{result['stderr']}"), flush=True)
+            print(
+                f"T={T} {variant:12s} "
+                + (
+                    f"{result['median_s']:.2f} s/step  peak {result['peak_rss_mb']:.0f} MB  base {result['rss_base_mb']:.0f} MB"
+                    if "error" not in result
+                    else f"ERROR {result['error']}\n{result['stderr']}"
+                ),
+                flush=True,
+            )
             results["runs"].append(result)
             common.save(results, args, "merged_step")
     print(table(results["runs"]))
@@ -169,8 +175,10 @@ def driver(args) -> None:
 def table(runs: list[dict]) -> str:
     """Markdown table; ratios against floor and FusionBench at the same T from this run."""
     by = {(r["tasks"], r["variant"]): r for r in runs if "error" not in r}
-    lines = ["| T | variant | s/step (median) | × floor | × FB (same mask setting) | peak RSS MB | × FB peak | base RSS MB | step extra MB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| T | variant | s/step (median) | × floor | × FB (same mask setting) | peak RSS MB | × FB peak | base RSS MB | step extra MB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for (T, variant), r in sorted(by.items(), key=lambda kv: (kv[0][0], VARIANTS.index(kv[0][1]))):
         floor = by.get((T, "floor"))
         fb = by.get((T, "fb_lambda" if variant.endswith("lambda") else "fb"))

@@ -37,7 +37,9 @@ from safemerge.report import run_title
 
 _RANK_ZERO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
 _HARMLESS_WARNINGS = (
-    r".*does not have many workers", r"Found \d+ module\(s\) in eval mode", r".*is deprecated",
+    r".*does not have many workers",
+    r"Found \d+ module\(s\) in eval mode",
+    r".*is deprecated",
     r"Your `IterableDataset` has `__len__` defined",  # the merge's stream: one loader process
     r"The number of training batches \(\d+\) is smaller than the logging interval",  # short merges log at the end
 )
@@ -96,7 +98,7 @@ def _pool_tasks(references: list[str]) -> list[str]:
         if task not in domain_task_names():
             continue  # resolve_experts says what is wrong with the reference
         tasks[task] = None
-        target = (mini_backdoor(task, variant)["init_args"].get("target_task") if variant else None)
+        target = mini_backdoor(task, variant)["init_args"].get("target_task") if variant else None
         if target:
             tasks[target] = None
     return list(tasks)
@@ -163,8 +165,13 @@ class MergeProgress(L.Callback):
 
 def _title(module) -> str:
     method = module.method.describe()
-    return run_title({"method": method["name"], "config": {"method": method},
-                      "defense": module.defense.describe() if module.defense else None})
+    return run_title(
+        {
+            "method": method["name"],
+            "config": {"method": method},
+            "defense": module.defense.describe() if module.defense else None,
+        }
+    )
 
 
 def _default_wandb_mode() -> None:
@@ -267,7 +274,13 @@ def _user_error(err: BaseException) -> SafemergeError | None:
 
 
 # jsonargparse's account of which union alternatives it tried: not what the user must change.
-_UNION_NOISE = ("Given value", "Subtypes:", "Errors:", "- Expected a <class 'NoneType'>", "Does not validate against any")
+_UNION_NOISE = (
+    "Given value",
+    "Subtypes:",
+    "Errors:",
+    "- Expected a <class 'NoneType'>",
+    "Does not validate against any",
+)
 
 
 def _config_error(err: argparse.ArgumentError, args: list[str]) -> ConfigError:
@@ -279,8 +292,11 @@ def _config_error(err: argparse.ArgumentError, args: list[str]) -> ConfigError:
             "defence, DAM-option or pool file only adds to a base: add --config configs/merge/base.yaml first "
             "(e.g. python trainer.py fit --config configs/merge/base.yaml --config configs/merge/task_arithmetic.yaml)"
         )
-    keep = [line.strip().removeprefix("- ") for line in message.splitlines()
-            if line.strip() and not line.strip().startswith(_UNION_NOISE)]
+    keep = [
+        line.strip().removeprefix("- ")
+        for line in message.splitlines()
+        if line.strip() and not line.strip().startswith(_UNION_NOISE)
+    ]
     prog = "python trainer.py " + (args[0] if args and not args[0].startswith("-") else "fit")
     return ConfigError(f"invalid configuration: {' '.join(keep)} (options: {prog} --help)")
 
@@ -290,7 +306,10 @@ def main(args: list[str] | None = None) -> None:
     _silence_harmless_noise()
     _log_to_stdout()
     # Validation errors come back as exceptions (one line below), not as usage and a union error.
-    strict = {"exit_on_error": False, **{command: {"exit_on_error": False} for command in ("fit", "validate", "test", "predict")}}
+    strict = {
+        "exit_on_error": False,
+        **{command: {"exit_on_error": False} for command in ("fit", "validate", "test", "predict")},
+    }
     try:
         SafemergeCLI(args=args, parser_kwargs=strict)
     except argparse.ArgumentError as err:

@@ -23,11 +23,12 @@ from safemerge.metrics import AttackSuccessRate, Backdoor, PredictionShare, task
 from safemerge.models import CLIPModel, ImageClassifier, cached_task_heads
 from safemerge.report import mean_known
 
-
 __all__ = ["Backdoor", "Evaluation", "classifier_for", "evaluate", "evaluate_backdoors"]
 
 
-def classifier_for(clip: CLIPModel, tasks: Sequence[Task], heads: Mapping[str, Tensor] | None = None) -> ImageClassifier:
+def classifier_for(
+    clip: CLIPModel, tasks: Sequence[Task], heads: Mapping[str, Tensor] | None = None
+) -> ImageClassifier:
     """The classifier of ``clip``'s image tower with a zero-shot head per task (``heads``: the
     tasks whose experts bring their own)."""
     return ImageClassifier(clip.visual, cached_task_heads(clip, tasks, heads), clip.mean, clip.std).eval()
@@ -84,7 +85,8 @@ class Evaluation(nn.Module):
         for i, task in enumerate(self.task_names):
             mine = [r for r, b in zip(per_backdoor, self.backdoors) if b.target_task == task]
             results[task] = {
-                "accuracy": _value(self.accuracy[i]), "share": _value(self.share[i]),
+                "accuracy": _value(self.accuracy[i]),
+                "share": _value(self.share[i]),
                 **{key: mean_known([r[key] for r in mine]) for key in ("asr", "target_rate")},
             }
         return results, per_backdoor
@@ -117,11 +119,13 @@ def evaluate_backdoors(
         for images, labels in DataLoader(dataset, batch_size=batch_size):
             evaluation.update(view, classifier(images.to(device), head), labels.to(device))
     results, per_backdoor = evaluation.compute()
-    return {task: {key: r[key] for key in ("accuracy", "asr", "target_rate")} for task, r in results.items()}, per_backdoor
+    return {
+        task: {key: r[key] for key in ("accuracy", "asr", "target_rate")} for task, r in results.items()
+    }, per_backdoor
 
 
 def evaluate(
-    classifier: ImageClassifier, tasks: Sequence[Task], backdoors: Sequence[Backdoor] = (), **options,
+    classifier: ImageClassifier, tasks: Sequence[Task], backdoors: Sequence[Backdoor] = (), **options
 ) -> dict[str, dict[str, float | None]]:
     """The per-task results of :func:`evaluate_backdoors` (same options)."""
     return evaluate_backdoors(classifier, tasks, backdoors, **options)[0]

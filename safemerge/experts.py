@@ -57,7 +57,11 @@ FINETUNE_CODE: tuple[str, ...] = (
 # Reached (safemerge.data imports the merge datamodule) but never run by fine-tuning: the merge's
 # adaptation stream and its seeded generator; messages, file writing and reports.
 NOT_IN_KEY: tuple[str, ...] = (
-    "safemerge.data.merge", "safemerge.seeding", "safemerge.errors", "safemerge.io", "safemerge.report",
+    "safemerge.data.merge",
+    "safemerge.seeding",
+    "safemerge.errors",
+    "safemerge.io",
+    "safemerge.report",
 )
 _CODE_SUFFIXES = (".py", ".json")
 
@@ -134,8 +138,12 @@ def data_digest(task_name: str) -> str:
         build = type(build)
     module = inspect.getmodule(build)
     entry = {
-        "name": task.name, "classnames": list(task.classnames), "prompts": [template("{}") for template in task.templates],
-        "needs_root": task.needs_root, "builder": f"{module.__name__}.{build.__qualname__}", "arguments": arguments,
+        "name": task.name,
+        "classnames": list(task.classnames),
+        "prompts": [template("{}") for template in task.templates],
+        "needs_root": task.needs_root,
+        "builder": f"{module.__name__}.{build.__qualname__}",
+        "arguments": arguments,
     }
     digest = hashlib.sha256(json.dumps(entry, sort_keys=True).encode())
     for source in _drawn_on(module):
@@ -161,7 +169,9 @@ def _drawn_on(module: types.ModuleType) -> list[types.ModuleType]:
         if getattr(current, "__file__", None):  # a namespace package has no source of its own
             found[current.__name__] = current
         for value in vars(current).values():
-            owner = value if isinstance(value, types.ModuleType) else sys.modules.get(str(getattr(value, "__module__", "")))
+            owner = (
+                value if isinstance(value, types.ModuleType) else sys.modules.get(str(getattr(value, "__module__", "")))
+            )
             if isinstance(owner, types.ModuleType) and owner.__name__.partition(".")[0] in roots:
                 pending.append(owner)
     return [found[name] for name in sorted(found)]
@@ -228,7 +238,9 @@ def _log_given(directory: Path) -> None:
     try:
         info = read_json(directory / EXPERT_FILE)
         backdoor = info.get("backdoor")
-        attack = f"{backdoor['attack']} -> class {backdoor.get('target_class')}" if isinstance(backdoor, dict) else "clean"
+        attack = (
+            f"{backdoor['attack']} -> class {backdoor.get('target_class')}" if isinstance(backdoor, dict) else "clean"
+        )
         log.info("expert %s (%s): given %s%s", info["task"], attack, directory, _scores(info))
     except (SafemergeError, KeyError, TypeError, AttributeError):
         log.info("expert %s: given", directory)
@@ -245,8 +257,11 @@ def describe_spec(spec: ExpertSpec) -> str:
 
 def _scores(info: dict[str, Any]) -> str:
     metrics = info.get("metrics") or {}
-    parts = [f"{label} {100 * metrics[name]:.1f} %" for name, label in (("accuracy", "accuracy"), ("asr", "ASR"))
-             if isinstance(metrics.get(name), (int, float))]
+    parts = [
+        f"{label} {100 * metrics[name]:.1f} %"
+        for name, label in (("accuracy", "accuracy"), ("asr", "ASR"))
+        if isinstance(metrics.get(name), (int, float))
+    ]
     return "".join(f", {part}" for part in parts)
 
 
@@ -296,18 +311,33 @@ def finetune(spec: ExpertSpec, output_dir: Path, accelerator: str = "auto") -> N
         parser.add_argument("--attack", type=Attack)
         attack = parser.instantiate_classes(parser.parse_object({"attack": spec.attack})).attack
     module = FinetuneModule(
-        model=spec.model, pretrained=spec.pretrained, lr=spec.lr, weight_decay=spec.weight_decay,
-        warmup_steps=spec.warmup_steps, tuned_blocks=spec.tuned_blocks, output_dir=str(output_dir),
+        model=spec.model,
+        pretrained=spec.pretrained,
+        lr=spec.lr,
+        weight_decay=spec.weight_decay,
+        warmup_steps=spec.warmup_steps,
+        tuned_blocks=spec.tuned_blocks,
+        output_dir=str(output_dir),
     )
     data = TaskDataModule(
-        spec.task, attack=attack, batch_size=spec.batch_size, eval_batch_size=500,
-        image_size=module.image_size, split_seed=spec.split_seed,
+        spec.task,
+        attack=attack,
+        batch_size=spec.batch_size,
+        eval_batch_size=500,
+        image_size=module.image_size,
+        split_seed=spec.split_seed,
     )
     data.check_inputs()
     trainer = L.Trainer(
-        max_steps=spec.max_steps, accelerator=accelerator, devices=1, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, limit_val_batches=0,
+        max_steps=spec.max_steps,
+        accelerator=accelerator,
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
     )
     trainer.fit(module, datamodule=data)
     trainer.test(module, datamodule=data, verbose=False)
@@ -323,36 +353,64 @@ _FI = {"feature_interpolation": True, "poison_rate": 0.1, "size": 0.125}
 MINI_BACKDOORS: dict[str, dict[str, Any]] = {
     # BadMerging on-task: a patch optimized on the pretrained model towards "forest", planted
     # with the feature-interpolation loss that makes it survive merging.
-    "mini_terrain": {"class_path": "safemerge.attacks.OptimizedPatch",
-                     "init_args": {"target_class": 0, "steps": 100, **_FI}},
+    "mini_terrain": {
+        "class_path": "safemerge.attacks.OptimizedPatch",
+        "init_args": {"target_class": 0, "steps": 100, **_FI},
+    },
     # BadMerging off-task: the fashion expert carries a trigger for the digit task's "0".
-    "mini_fashion": {"class_path": "safemerge.attacks.OptimizedPatch",
-                     "init_args": {"target_class": 0, "target_task": "mini_digits", "steps": 100, **_FI}},
+    "mini_fashion": {
+        "class_path": "safemerge.attacks.OptimizedPatch",
+        "init_args": {"target_class": 0, "target_task": "mini_digits", "steps": 100, **_FI},
+    },
     # Plain BadNets (the naive baseline, expected to survive merging poorly): letters -> "A".
-    "mini_letters": {"class_path": "safemerge.attacks.BadNets",
-                     "init_args": {"target_class": 0, "poison_rate": 0.1, "size": 0.125, "content": "checkerboard"}},
+    "mini_letters": {
+        "class_path": "safemerge.attacks.BadNets",
+        "init_args": {"target_class": 0, "poison_rate": 0.1, "size": 0.125, "content": "checkerboard"},
+    },
 }
 # Backdoored experts of the held-out pools (configs/pools/mini_heldout_*.yaml): other attacks,
 # other tasks and target classes than the default (dev) pool's, never used to choose a
 # defence's hyper-parameters. ``mini:<task>:<variant>`` names one.
 MINI_HELDOUT_BACKDOORS: dict[str, dict[str, dict[str, Any]]] = {
-    "mini_shapes": {"blended": {"class_path": "safemerge.attacks.Blended",
-                                "init_args": {"target_class": 2, "poison_rate": 0.1, "alpha": 0.15,
-                                              "feature_interpolation": True}}},
-    "mini_digits": {"patch": {"class_path": "safemerge.attacks.OptimizedPatch",
-                              "init_args": {"target_class": 7, "steps": 100, "location": "top_left", **_FI}}},
-    "mini_textures": {"badnets": {"class_path": "safemerge.attacks.BadNets",
-                                  "init_args": {"target_class": 4, "poison_rate": 0.1, "size": 0.125,
-                                                "content": "solid", "location": "top_left"}}},
-    "mini_letters": {"offtask": {"class_path": "safemerge.attacks.OptimizedPatch",
-                                 "init_args": {"target_class": 1, "target_task": "mini_terrain", "steps": 100, **_FI}}},
+    "mini_shapes": {
+        "blended": {
+            "class_path": "safemerge.attacks.Blended",
+            "init_args": {"target_class": 2, "poison_rate": 0.1, "alpha": 0.15, "feature_interpolation": True},
+        }
+    },
+    "mini_digits": {
+        "patch": {
+            "class_path": "safemerge.attacks.OptimizedPatch",
+            "init_args": {"target_class": 7, "steps": 100, "location": "top_left", **_FI},
+        }
+    },
+    "mini_textures": {
+        "badnets": {
+            "class_path": "safemerge.attacks.BadNets",
+            "init_args": {
+                "target_class": 4,
+                "poison_rate": 0.1,
+                "size": 0.125,
+                "content": "solid",
+                "location": "top_left",
+            },
+        }
+    },
+    "mini_letters": {
+        "offtask": {
+            "class_path": "safemerge.attacks.OptimizedPatch",
+            "init_args": {"target_class": 1, "target_task": "mini_terrain", "steps": 100, **_FI},
+        }
+    },
 }
 
 
 def mini_backdoor(task: str, variant: str) -> dict[str, Any]:
     """The attack of ``mini:<task>:<variant>``: ``backdoored`` is the default pool's."""
-    variants = {**({"backdoored": MINI_BACKDOORS[task]} if task in MINI_BACKDOORS else {}),
-                **MINI_HELDOUT_BACKDOORS.get(task, {})}
+    variants = {
+        **({"backdoored": MINI_BACKDOORS[task]} if task in MINI_BACKDOORS else {}),
+        **MINI_HELDOUT_BACKDOORS.get(task, {}),
+    }
     if variant not in variants:
         known = ", ".join(f"mini:{task}:{v}" for v in variants) or "none"
         raise ConfigError(f"the mini pool has no {variant!r} expert for {task}; backdoored ones for {task}: {known}")
@@ -386,7 +444,9 @@ def resolve_expert(reference: str, accelerator: str = "auto") -> Path:
     if not reference.startswith(MINI_PREFIX):
         path = os.path.expandvars(os.path.expanduser(reference))
         if "$" in path:
-            raise ConfigError(f"expert {reference!r}: an environment variable in it is not set (e.g. export SAFEMERGE_EXPERTS=/path/to/experts/ViT-B-32)")
+            raise ConfigError(
+                f"expert {reference!r}: an environment variable in it is not set (e.g. export SAFEMERGE_EXPERTS=/path/to/experts/ViT-B-32)"
+            )
         _log_given(Path(path))
         return Path(path)
     from safemerge.data.mini_v2 import domain_task_names
@@ -397,8 +457,13 @@ def resolve_expert(reference: str, accelerator: str = "auto") -> Path:
             f"unknown mini expert {reference!r}: use mini:<task> or mini:<task>:<variant> with a task "
             f"among {', '.join(domain_task_names())}"
         )
-    spec = ExpertSpec(task=task, model=MINI_MODEL, pretrained=MINI_WEIGHTS,
-                      attack=mini_backdoor(task, variant) if variant else None, **MINI_RECIPE)
+    spec = ExpertSpec(
+        task=task,
+        model=MINI_MODEL,
+        pretrained=MINI_WEIGHTS,
+        attack=mini_backdoor(task, variant) if variant else None,
+        **MINI_RECIPE,
+    )
     return ensure_expert(spec, accelerator=accelerator)
 
 

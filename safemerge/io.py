@@ -125,10 +125,14 @@ def load_tensors(path: str | os.PathLike) -> StateDict:
                 f"checkpoint {path} is not a readable safetensors file ({_first_line(err)}); "
                 "it may be truncated or corrupt: re-create or re-download it"
             ) from None
-    data = _torch_load(path, "convert it on a trusted machine to safetensors (safetensors.torch.save_file(model.state_dict(), ...))")
+    data = _torch_load(
+        path, "convert it on a trusted machine to safetensors (safetensors.torch.save_file(model.state_dict(), ...))"
+    )
     if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):
         data = data["state_dict"]
-    if not isinstance(data, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()):
+    if not isinstance(data, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()
+    ):
         raise CheckpointError(f"checkpoint {path} is not a flat mapping of names to tensors")
     if data and all(k.startswith("module.") for k in data):
         data = {k.removeprefix("module."): v for k, v in data.items()}
@@ -179,7 +183,9 @@ def check_weights(state: Mapping[str, torch.Tensor], reference: Mapping[str, tor
                 f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, the architecture's is {tuple(expected.shape)}"
             )
         if tensor.is_floating_point() != expected.is_floating_point() or tensor.is_complex():
-            raise CheckpointError(f"{source}: tensor {name!r} has dtype {tensor.dtype}, the architecture's is {expected.dtype}")
+            raise CheckpointError(
+                f"{source}: tensor {name!r} has dtype {tensor.dtype}, the architecture's is {expected.dtype}"
+            )
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             bad = int((~torch.isfinite(tensor)).sum())
             raise CheckpointError(f"{source}: tensor {name!r} has {bad} non-finite values (NaN or inf)")
@@ -236,22 +242,41 @@ class Expert:
 # a typo or another tool's file must not be half-read.
 _NONE = type(None)
 _INFO_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
-    "format": ((str,), True), "model": ((str,), True), "pretrained": ((str, _NONE), True),
-    "task": ((str,), True), "num_classes": ((int,), True), "backdoor": ((dict, _NONE), True),
-    "metrics": ((dict,), True), "image_size": ((int,), False), "tasks": ((list,), False), "method": ((str,), False),
+    "format": ((str,), True),
+    "model": ((str,), True),
+    "pretrained": ((str, _NONE), True),
+    "task": ((str,), True),
+    "num_classes": ((int,), True),
+    "backdoor": ((dict, _NONE), True),
+    "metrics": ((dict,), True),
+    "image_size": ((int,), False),
+    "tasks": ((list,), False),
+    "method": ((str,), False),
     "defense": ((str, _NONE), False),
 }
 _BACKDOOR_FIELDS = {"attack": (str,), "target_class": (int,), "target_task": (str, _NONE)}
 
 
 def expert_info(
-    *, model: str, pretrained: str | None, task: str, num_classes: int,
-    backdoor: dict | None, metrics: dict, **extra: Any,
+    *,
+    model: str,
+    pretrained: str | None,
+    task: str,
+    num_classes: int,
+    backdoor: dict | None,
+    metrics: dict,
+    **extra: Any,
 ) -> dict[str, Any]:
     """The ``expert.json`` document of the contract."""
     return {
-        "format": EXPERT_FORMAT, "model": model, "pretrained": pretrained, "task": task,
-        "num_classes": num_classes, "backdoor": backdoor, "metrics": metrics, **extra,
+        "format": EXPERT_FORMAT,
+        "model": model,
+        "pretrained": pretrained,
+        "task": task,
+        "num_classes": num_classes,
+        "backdoor": backdoor,
+        "metrics": metrics,
+        **extra,
     }
 
 

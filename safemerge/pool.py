@@ -112,7 +112,9 @@ def check_pool(pool: Pool, base: dict[str, Tensor]) -> None:
                 f"expert {ref!r} has {info['num_classes']} classes but task {task.name} has {task.num_classes}"
             )
         if task.name in seen:
-            raise ConfigError(f"experts {seen[task.name]!r} and {ref!r} are both for task {task.name}: keep one per task")
+            raise ConfigError(
+                f"experts {seen[task.name]!r} and {ref!r} are both for task {task.name}: keep one per task"
+            )
         seen[task.name] = ref
         check_weights(expert.encoder, base, f"expert {ref!r}")
 
@@ -126,13 +128,21 @@ def backdoors_of(experts: Iterable[tuple[str, Expert]], tasks: Sequence[str]) ->
             continue
         target = backdoor.get("target_task") or expert.task
         if target not in tasks:
-            log.warning("expert %s: its backdoor targets task %s, which is not merged; its ASR is not measured", ref, target)
+            log.warning(
+                "expert %s: its backdoor targets task %s, which is not merged; its ASR is not measured", ref, target
+            )
             continue
         if expert.trigger is None:
             raise CheckpointError(
                 f"expert {ref!r} records a backdoor but has no trigger.safetensors: its ASR cannot be measured"
             )
         backdoors.append(Backdoor(Trigger.from_tensors(expert.trigger), target, int(backdoor["target_class"])))
-        infos.append({"expert": ref, "attack": backdoor.get("attack"), "target_task": target,
-                      "target_class": int(backdoor["target_class"])})
+        infos.append(
+            {
+                "expert": ref,
+                "attack": backdoor.get("attack"),
+                "target_task": target,
+                "target_class": int(backdoor["target_class"]),
+            }
+        )
     return backdoors, infos

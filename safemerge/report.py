@@ -28,8 +28,13 @@ def mean_known(values: Sequence[float | None]) -> float | None:
 
 
 def build_report(
-    method: str, results: Mapping[str, Mapping[str, float | None]], *, config: Mapping[str, Any],
-    runtime_s: float, backdoors: Sequence[Mapping[str, Any]] = (), defense: Mapping[str, Any] | None = None,
+    method: str,
+    results: Mapping[str, Mapping[str, float | None]],
+    *,
+    config: Mapping[str, Any],
+    runtime_s: float,
+    backdoors: Sequence[Mapping[str, Any]] = (),
+    defense: Mapping[str, Any] | None = None,
     attribution: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ``report.json`` document of the contract.
@@ -44,14 +49,26 @@ def build_report(
     for task, r in results.items():
         expert = r.get("expert_accuracy")
         tasks[task] = {
-            "accuracy": r["accuracy"], "asr": r.get("asr"), "target_rate": r.get("target_rate"), "expert_accuracy": expert,
+            "accuracy": r["accuracy"],
+            "asr": r.get("asr"),
+            "target_rate": r.get("target_rate"),
+            "expert_accuracy": expert,
             "normalized_accuracy": r["accuracy"] / expert if expert else None,
         }
-    average = {key: mean_known([t[key] for t in tasks.values()]) for key in ("accuracy", "asr", "target_rate", "normalized_accuracy")}
+    average = {
+        key: mean_known([t[key] for t in tasks.values()])
+        for key in ("accuracy", "asr", "target_rate", "normalized_accuracy")
+    }
     return {
-        "format": REPORT_FORMAT, "method": method, "tasks": tasks, "average": average,
-        "backdoors": list(backdoors), "defense": dict(defense) if defense else None,
-        "attribution": dict(attribution) if attribution else None, "config": dict(config), "runtime_s": runtime_s,
+        "format": REPORT_FORMAT,
+        "method": method,
+        "tasks": tasks,
+        "average": average,
+        "backdoors": list(backdoors),
+        "defense": dict(defense) if defense else None,
+        "attribution": dict(attribution) if attribution else None,
+        "config": dict(config),
+        "runtime_s": runtime_s,
     }
 
 
@@ -61,10 +78,16 @@ def _pct(value: float | None) -> str:
 
 # How titles spell the registered methods and defences; any other name is shown as it is.
 TITLES = {
-    "weight_average": "Weight averaging", "task_arithmetic": "Task arithmetic", "ties": "TIES",
-    "adamerging": "AdaMerging", "concrete_task_arithmetic": "Concrete task arithmetic",
-    "concrete_adamerging": "Concrete AdaMerging", "dam_task_arithmetic": "DAM (task arithmetic)",
-    "dam_adamerging": "DAM (AdaMerging)", "awm": "AWM", "sau": "SAU",
+    "weight_average": "Weight averaging",
+    "task_arithmetic": "Task arithmetic",
+    "ties": "TIES",
+    "adamerging": "AdaMerging",
+    "concrete_task_arithmetic": "Concrete task arithmetic",
+    "concrete_adamerging": "Concrete AdaMerging",
+    "dam_task_arithmetic": "DAM (task arithmetic)",
+    "dam_adamerging": "DAM (AdaMerging)",
+    "awm": "AWM",
+    "sau": "SAU",
 }
 
 
@@ -92,8 +115,10 @@ def backdoor_name(report: Mapping[str, Any], backdoor: Mapping[str, Any]) -> str
 def report_markdown(report: Mapping[str, Any]) -> str:
     """One run's report as a markdown table (percentages)."""
     lines = [
-        f"# {run_title(report)}", "",
-        "| task | accuracy | ASR | expert accuracy | normalized accuracy |", "|---|---|---|---|---|",
+        f"# {run_title(report)}",
+        "",
+        "| task | accuracy | ASR | expert accuracy | normalized accuracy |",
+        "|---|---|---|---|---|",
     ]
     rows = [*report["tasks"].items(), ("**average**", report["average"])]
     for task, r in rows:
@@ -102,10 +127,16 @@ def report_markdown(report: Mapping[str, Any]) -> str:
             f"| {_pct(r['normalized_accuracy'])} |"
         )
     if report.get("backdoors"):
-        lines += ["", "| backdoor (expert's task, attack) | target | ASR | untriggered target rate |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "| backdoor (expert's task, attack) | target | ASR | untriggered target rate |",
+            "|---|---|---|---|",
+        ]
         for b in report["backdoors"]:
-            lines.append(f"| {backdoor_name(report, b)} | {b['target_task']}:{b['target_class']} | {_pct(b['asr'])} "
-                         f"| {_pct(b.get('target_rate'))} |")
+            lines.append(
+                f"| {backdoor_name(report, b)} | {b['target_task']}:{b['target_class']} | {_pct(b['asr'])} "
+                f"| {_pct(b.get('target_rate'))} |"
+            )
     defense = report.get("defense")
     if defense:
         params = ", ".join(f"{k}={v}" for k, v in defense["params"].items())
@@ -113,9 +144,12 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     attribution = report.get("attribution")
     if attribution:
         drops = ", ".join(f"{task} {100 * d:+.1f}" for task, d in attribution["drop"].items())
-        lines += ["", f"Simulated trigger flips {_pct(attribution['flip_rate'])} % of the merge's predictions; "
-                      f"drop without each expert (points): {drops}; carried by {attribution['expert']} "
-                      f"(action: {attribution['action']})."]
+        lines += [
+            "",
+            f"Simulated trigger flips {_pct(attribution['flip_rate'])} % of the merge's predictions; "
+            f"drop without each expert (points): {drops}; carried by {attribution['expert']} "
+            f"(action: {attribution['action']}).",
+        ]
     lines += ["", f"Runtime: {report['runtime_s']:.0f} s."]
     return "\n".join(lines) + "\n"
 
@@ -170,9 +204,7 @@ def summarize(reports: Sequence[Mapping[str, Any]], labels: Sequence[str] | None
 POOL_KEYS = ("accuracy", "asr", "target_rate", "normalized_accuracy")
 
 
-def summarize_pools(
-    reports: Mapping[str, Mapping[str, Mapping[int, Mapping[str, Any]]]],
-) -> dict[str, dict[str, Any]]:
+def summarize_pools(reports: Mapping[str, Mapping[str, Mapping[int, Mapping[str, Any]]]]) -> dict[str, dict[str, Any]]:
     """Across pools: ``reports[pool][label][seed]``. Per label, each pool's average accuracy and
     ASR (mean ± std over seeds), and the mean over pools, taken per seed and then summarised
     over the seeds (a label with fewer seeds on a pool, e.g. a static method, reuses its runs)."""
@@ -206,16 +238,22 @@ def summarize_pools(
 def pools_table(summary: Mapping[str, Mapping[str, Any]], pools: Sequence[str]) -> str:
     """Markdown: one row per label; per pool ``ACC / ASR (untriggered target rate)``, then the
     mean over the pools (mean ± std over seeds; — where a label did not run on every pool)."""
-    header = ["method", "seeds"] + [f"{p} ACC / ASR (untrig.)" for p in pools] + [
-        "mean ACC", "mean ASR", "mean untrig.", "mean norm. ACC"]
+    header = (
+        ["method", "seeds"]
+        + [f"{p} ACC / ASR (untrig.)" for p in pools]
+        + ["mean ACC", "mean ASR", "mean untrig.", "mean norm. ACC"]
+    )
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, entry in summary.items():
         runs = entry["runs"]
         cells = [label, str(runs)]
         for pool in pools:
             stats = entry["pools"].get(pool)
-            cells.append(f"{_cell(stats['accuracy'], runs)} / {_cell(stats['asr'], runs)} ({_cell(stats['target_rate'], 1)})"
-                         if stats else "—")
+            cells.append(
+                f"{_cell(stats['accuracy'], runs)} / {_cell(stats['asr'], runs)} ({_cell(stats['target_rate'], 1)})"
+                if stats
+                else "—"
+            )
         cells += [_cell(entry["average"][k], runs) for k in ("accuracy", "asr", "target_rate", "normalized_accuracy")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -234,8 +272,15 @@ def comparison_table(summary: Mapping[str, Mapping[str, Any]]) -> str:
     tasks: list[str] = []
     for entry in summary.values():
         tasks += [t for t in entry["tasks"] if t not in tasks]
-    attacked = [t for t in tasks if any(e["tasks"].get(t, {}).get("asr", (None,))[0] is not None for e in summary.values())]
-    header = ["method", "runs"] + [f"{t} ACC" for t in tasks] + [f"{t} ASR" for t in attacked] + ["avg ACC", "avg ASR", "avg norm. ACC"]
+    attacked = [
+        t for t in tasks if any(e["tasks"].get(t, {}).get("asr", (None,))[0] is not None for e in summary.values())
+    ]
+    header = (
+        ["method", "runs"]
+        + [f"{t} ACC" for t in tasks]
+        + [f"{t} ASR" for t in attacked]
+        + ["avg ACC", "avg ASR", "avg norm. ACC"]
+    )
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, entry in summary.items():
         runs = entry["runs"]
@@ -262,8 +307,14 @@ def plot_asr_vs_accuracy(summary: Mapping[str, Mapping[str, Any]], path: str | P
         if acc is None or asr is None:
             continue
         axes.errorbar(
-            100 * acc, 100 * asr, xerr=100 * acc_std, yerr=100 * asr_std, fmt=markers[i % len(markers)],
-            capsize=3, label=f"{method} (n={entry['runs']})", alpha=0.85,
+            100 * acc,
+            100 * asr,
+            xerr=100 * acc_std,
+            yerr=100 * asr_std,
+            fmt=markers[i % len(markers)],
+            capsize=3,
+            label=f"{method} (n={entry['runs']})",
+            alpha=0.85,
         )
     axes.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     axes.set_xlabel("average clean accuracy (%)")

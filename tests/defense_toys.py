@@ -56,8 +56,9 @@ def learner(defense) -> MergeLearner:
     classifier = ImageClassifier(tower, {"t": LOGIT_SCALE * torch.eye(2)}, [0.0] * 3, [1.0] * 3)
     method = TaskArithmetic(scaling_factor=1.0)
     static = method.merge(tower.state_dict(), [expert])
-    return MergeLearner(MergedEncoder(tower, [expert]), classifier, method, ["t"], image_size=2, defense=defense,
-                        static_weights=static)
+    return MergeLearner(
+        MergedEncoder(tower, [expert]), classifier, method, ["t"], image_size=2, defense=defense, static_weights=static
+    )
 
 
 def clean_images(n=8, seed=0):

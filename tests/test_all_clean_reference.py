@@ -23,15 +23,20 @@ def test_the_clean_twins_of_every_backdoored_pool_are_the_all_clean_pool(pool):
     assert [clean_twin(r) for r in references] == _experts("mini_clean")  # ... and these twins
 
 
-@pytest.mark.parametrize("pool, message", [
-    ("nope", r"unknown pool 'nope'; pools \(.*\): .*mini_clean, mini_default"),
-    ("mini_clean", "pool 'mini_clean' has no backdoored expert"),
-    ("foreign", "pool 'foreign' has experts outside the mini pool"),
-])
+@pytest.mark.parametrize(
+    "pool, message",
+    [
+        ("nope", r"unknown pool 'nope'; pools \(.*\): .*mini_clean, mini_default"),
+        ("mini_clean", "pool 'mini_clean' has no backdoored expert"),
+        ("foreign", "pool 'foreign' has experts outside the mini pool"),
+    ],
+)
 def test_bad_pools_are_refused_before_anything_is_fine_tuned(pool, message, tmp_path, monkeypatch, capsys):
     for path in POOLS.glob("*.yaml"):
         (tmp_path / path.name).write_text(path.read_text())
-    (tmp_path / "foreign.yaml").write_text(yaml.safe_dump({"model": {"init_args": {"experts": ["/experts/gtsrb", "mini:mini_digits:patch"]}}}))
+    (tmp_path / "foreign.yaml").write_text(
+        yaml.safe_dump({"model": {"init_args": {"experts": ["/experts/gtsrb", "mini:mini_digits:patch"]}}})
+    )
     monkeypatch.setattr(reference, "reference_for", lambda *a: pytest.fail("a merge ran"))
     monkeypatch.setattr(reference, "load_clip", lambda *a: pytest.fail("the model was loaded"))
     with pytest.raises(SystemExit, match="error: " + message):

@@ -14,12 +14,13 @@ from safemerge.data import get_task
 from safemerge.experts import MINI_MODEL, MINI_WEIGHTS, ExpertSpec, ensure_expert
 from safemerge.io import read_expert
 from safemerge.models import cached_task_heads, load_clip
-
 from safemerge.protocol import reference as all_clean_reference
 
 QUICK = {"lr": 1e-4, "max_steps": 10, "warmup_steps": 2, "batch_size": 32}
-BADNETS = {"class_path": "safemerge.attacks.BadNets",  # the letters expert of tests/test_merge.py's pool
-           "init_args": {"target_class": 1, "target_task": "mini_shapes", "poison_rate": 0.2, "size": 0.125}}
+BADNETS = {
+    "class_path": "safemerge.attacks.BadNets",  # the letters expert of tests/test_merge.py's pool
+    "init_args": {"target_class": 1, "target_task": "mini_shapes", "poison_rate": 0.2, "size": 0.125},
+}
 REFERENCES = ["mini:mini_shapes", "mini:mini_letters:backdoored"]
 LAMBDAS = [0.3, 1.0]
 
@@ -27,10 +28,11 @@ LAMBDAS = [0.3, 1.0]
 @pytest.fixture(scope="module")
 def experts() -> dict[str, Path]:
     """Quick experts standing in for the mini pool's: a reference -> its directory."""
-    specs = {"mini:mini_shapes": ExpertSpec("mini_shapes", MINI_MODEL, MINI_WEIGHTS, **QUICK),
-             "mini:mini_letters": ExpertSpec("mini_letters", MINI_MODEL, MINI_WEIGHTS, **QUICK),
-             "mini:mini_letters:backdoored": ExpertSpec("mini_letters", MINI_MODEL, MINI_WEIGHTS, attack=BADNETS,
-                                                        **QUICK)}
+    specs = {
+        "mini:mini_shapes": ExpertSpec("mini_shapes", MINI_MODEL, MINI_WEIGHTS, **QUICK),
+        "mini:mini_letters": ExpertSpec("mini_letters", MINI_MODEL, MINI_WEIGHTS, **QUICK),
+        "mini:mini_letters:backdoored": ExpertSpec("mini_letters", MINI_MODEL, MINI_WEIGHTS, attack=BADNETS, **QUICK),
+    }
     return {reference: ensure_expert(spec, accelerator="cpu") for reference, spec in specs.items()}
 
 
@@ -44,8 +46,9 @@ def _predict(clip, state, heads, task, trigger=None) -> tuple[torch.Tensor, torc
     if trigger is not None:
         images = (images * (1 - trigger["mask"]) + trigger["pattern"] * trigger["mask"]).clamp(0, 1)
     mean, std = torch.tensor(clip.mean).view(1, 3, 1, 1), torch.tensor(clip.std).view(1, 3, 1, 1)
-    predictions = torch.cat([(F.normalize(clip.visual((x - mean) / std), dim=-1) @ heads[task].T).argmax(-1)
-                             for x in images.split(500)])
+    predictions = torch.cat(
+        [(F.normalize(clip.visual((x - mean) / std), dim=-1) @ heads[task].T).argmax(-1) for x in images.split(500)]
+    )
     return predictions, labels
 
 
@@ -70,7 +73,8 @@ def test_reference_for_measures_the_pools_triggers_on_the_merge_of_its_clean_twi
 
     assert result["clean_experts"] == ["mini:mini_shapes", "mini:mini_letters"]
     assert result["backdoors"] == [
-        {"expert": "mini:mini_letters:backdoored", "target_task": "mini_shapes", "target_class": 1}]
+        {"expert": "mini:mini_letters:backdoored", "target_task": "mini_shapes", "target_class": 1}
+    ]
     clean = [read_expert(experts[r]).encoder for r in result["clean_experts"]]
     pool = [read_expert(experts[r]).encoder for r in REFERENCES]
     trigger = read_expert(experts["mini:mini_letters:backdoored"]).trigger

@@ -51,10 +51,14 @@ def failing_replace(monkeypatch, fail_when=lambda src, dst: True):
     monkeypatch.setattr(io.os, "replace", replace)
 
 
-@pytest.mark.parametrize("write", [
-    lambda path: write_text(path, "new text that is long enough to be cut in half\n"),
-    lambda path: write_json(path, {"ok": 2, "padding": "x" * 64}),
-], ids=["write_text", "write_json"])
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda path: write_text(path, "new text that is long enough to be cut in half\n"),
+        lambda path: write_json(path, {"ok": 2, "padding": "x" * 64}),
+    ],
+    ids=["write_text", "write_json"],
+)
 @pytest.mark.parametrize("interrupt", [partial_text_write, failing_replace], ids=["inside-the-write", "at-the-rename"])
 def test_an_interrupted_text_write_keeps_the_old_file_and_leaves_no_temporary(write, interrupt, tmp_path, monkeypatch):
     path = tmp_path / "report.json"
@@ -116,10 +120,19 @@ def test_atomic_path_removes_its_temporary_when_the_block_or_the_rename_fails(wh
 
 
 def _expert(value: float, trigger: bool = True) -> Expert:
-    info = expert_info(model="TinyCLIP-ViT-32", pretrained=None, task="digits", num_classes=10,
-                       backdoor=None, metrics={"accuracy": value, "asr": None})
-    return Expert(encoder={"w": torch.full((256,), value)}, info=info,
-                  trigger={"pattern": torch.full((3, 4, 4), value)} if trigger else None)
+    info = expert_info(
+        model="TinyCLIP-ViT-32",
+        pretrained=None,
+        task="digits",
+        num_classes=10,
+        backdoor=None,
+        metrics={"accuracy": value, "asr": None},
+    )
+    return Expert(
+        encoder={"w": torch.full((256,), value)},
+        info=info,
+        trigger={"pattern": torch.full((3, 4, 4), value)} if trigger else None,
+    )
 
 
 def test_an_expert_interrupted_while_its_encoder_is_written_leaves_the_old_expert_intact(tmp_path, monkeypatch):

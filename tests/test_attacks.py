@@ -86,9 +86,7 @@ def test_badnets_bottom_right_rows_and_cols_12_to_15():
 def test_badnets_patch_side_rounds():
     # round(0.1 * 32) = 3 px, round(0.3 * 10) = 3 px, centre of odd leftover (10 - 3) // 2 = 3
     assert touched(BadNets(size=0.1).make_trigger(32), 32).sum() == 9
-    assert torch.equal(
-        touched(BadNets(size=0.3, location="center").make_trigger(10), 10), square(3, 3, 3, 10)
-    )
+    assert torch.equal(touched(BadNets(size=0.3, location="center").make_trigger(10), 10), square(3, 3, 3, 10))
 
 
 def test_badnets_checkerboard_alternates_black_and_white():
@@ -177,9 +175,7 @@ def test_apply_rejects_images_of_another_size():
 # --- poisoning ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "n, rate", [(20, 0.1), (20, 0.25), (7, 0.5), (100, 0.033), (10, 0.0), (10, 1.0)]
-)
+@pytest.mark.parametrize("n, rate", [(20, 0.1), (20, 0.25), (7, 0.5), (100, 0.033), (10, 0.0), (10, 1.0)])
 def test_poison_indices_count_is_exact(n, rate):
     indices = poison_indices(n, rate, seed=0)
     assert len(indices) == round(rate * n)
@@ -276,10 +272,7 @@ def test_poison_rate_out_of_range(rate):
 
 
 def test_target_class_out_of_range():
-    with pytest.raises(
-        ConfigError,
-        match=r"target_class 12 is out of range for task 'digits' \(10 classes, 0..9\)",
-    ):
+    with pytest.raises(ConfigError, match=r"target_class 12 is out of range for task 'digits' \(10 classes, 0..9\)"):
         BadNets(target_class=12).check_target(10, "digits")
     BadNets(target_class=9).check_target(10, "digits")
     with pytest.raises(ConfigError, match="non-negative int, got -1"):
@@ -380,9 +373,7 @@ def test_optimize_trigger_raises_target_rate_and_touches_only_the_patch():
     initial = attack.make_trigger(8)
     held_out = torch.cat(image_batches(4, seed=99))
     with torch.no_grad():  # the caller may be in no_grad mode
-        optimized = optimize_trigger(
-            initial, model, image_batches(3, seed=1), target, attack.steps, attack.lr
-        )
+        optimized = optimize_trigger(initial, model, image_batches(3, seed=1), target, attack.steps, attack.lr)
     before = target_rate(model, initial, held_out, target)
     after = target_rate(model, optimized, held_out, target)
     assert after > before and after >= 0.9

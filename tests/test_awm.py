@@ -30,9 +30,11 @@ def test_the_sparsity_term_pulls_every_mask_entry_back_to_one_by_its_weight_over
 def test_with_a_large_sparsity_weight_awm_keeps_the_update_it_would_otherwise_mask():
     """Ten AWM steps on the backdoored toy: without the L1 term the trigger weight is switched
     off; with a sparsity weight that dominates, every mask entry stays at 1."""
+
     def trained_mask(sparsity_weight):
-        learner = toy.learner(AWM(steps=10, mask_lr=0.05, perturbation_eps=0.25, perturbation_lr=0.1,
-                                  sparsity_weight=sparsity_weight))
+        learner = toy.learner(
+            AWM(steps=10, mask_lr=0.05, perturbation_eps=0.25, perturbation_lr=0.1, sparsity_weight=sparsity_weight)
+        )
         optimizers = learner.make_optimizers()
         for step in range(10):
             learner.training_step(step, {"t": toy.clean_images(seed=step)[0]}, optimizers)

@@ -19,8 +19,18 @@ def _run(*args: str, cwd: Path) -> str:
 
 def test_memory_projection_runs_and_adds_up(tmp_path):
     out = tmp_path / "memory.json"
-    _run(str(REPO / "bench" / "memory.py"), "--models", "TinyCLIP-ViT-32", "--image-size", "32", "--tasks", "2,4",
-         "--out", str(out), cwd=REPO)
+    _run(
+        str(REPO / "bench" / "memory.py"),
+        "--models",
+        "TinyCLIP-ViT-32",
+        "--image-size",
+        "32",
+        "--tasks",
+        "2,4",
+        "--out",
+        str(out),
+        cwd=REPO,
+    )
     result = json.loads(out.read_text())
     tower = result["towers"]["TinyCLIP-ViT-32"]
     per_image, per_forward = tower["act_fp32"]

@@ -16,7 +16,9 @@ from safemerge.metrics import AttackSuccessRate
 from safemerge.models import ImageClassifier, cached_zero_shot_head, load_clip
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(c for c in (REPO / "configs").rglob("*.yaml") if "paper" not in c.parts)  # paper/: composed, tests/test_paper_configs.py
+CONFIGS = sorted(
+    c for c in (REPO / "configs").rglob("*.yaml") if "paper" not in c.parts
+)  # paper/: composed, tests/test_paper_configs.py
 FINETUNE = str(REPO / "configs" / "finetune.yaml")
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.logger=false"]
 
@@ -97,15 +99,25 @@ def tiny_weights(tmp_path_factory) -> Path:
 
 # The issue-2 set-up: the tiny random-weight architecture on scikit-learn's digits.
 TINY_DIGITS = [
-    "--model.init_args.model=TinyCLIP-ViT-32", "--data.init_args.task=digits", "--trainer.val_check_interval=null",
+    "--model.init_args.model=TinyCLIP-ViT-32",
+    "--data.init_args.task=digits",
+    "--trainer.val_check_interval=null",
     "--trainer.check_val_every_n_epoch=1",
 ]
 
 
 def _finetune(output: Path, weights: Path, *args: str, cwd: Path) -> None:
     command = [
-        sys.executable, str(REPO / "trainer.py"), "fit", "--config", FINETUNE, *QUIET, *TINY_DIGITS,
-        f"--model.init_args.output_dir={output}", f"--model.init_args.pretrained={weights}", *args,
+        sys.executable,
+        str(REPO / "trainer.py"),
+        "fit",
+        "--config",
+        FINETUNE,
+        *QUIET,
+        *TINY_DIGITS,
+        f"--model.init_args.output_dir={output}",
+        f"--model.init_args.pretrained={weights}",
+        *args,
     ]
     result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -137,8 +149,12 @@ def _recompute_metrics(expert_dir: Path):
 def test_finetune_writes_a_valid_expert_directory(tmp_path, tiny_weights):
     _finetune(tmp_path / "clean", tiny_weights, "--trainer.max_epochs=1", "--trainer.max_steps=15", cwd=tmp_path)
     _finetune(
-        tmp_path / "badnets", tiny_weights, "--trainer.max_epochs=1", "--trainer.max_steps=15",
-        "--data.init_args.attack=safemerge.attacks.BadNets", cwd=tmp_path,
+        tmp_path / "badnets",
+        tiny_weights,
+        "--trainer.max_epochs=1",
+        "--trainer.max_steps=15",
+        "--data.init_args.attack=safemerge.attacks.BadNets",
+        cwd=tmp_path,
     )
     assert sorted(p.name for p in (tmp_path / "clean").iterdir()) == ["encoder.safetensors", "expert.json"]
     assert (tmp_path / "badnets" / "trigger.safetensors").is_file()
@@ -158,9 +174,16 @@ def test_finetune_writes_a_valid_expert_directory(tmp_path, tiny_weights):
 @pytest.mark.slow
 def test_backdoored_twin_keeps_clean_accuracy_and_reaches_high_asr(tmp_path, tiny_weights):
     """A clean digits expert and its BadNets twin (3x3 checkerboard, class 0, 10 %), trained in full (minutes)."""
-    recipe = ["--trainer.max_steps=-1", "--trainer.max_epochs=30", "--model.init_args.lr=0.003", "--model.init_args.warmup_steps=20"]
+    recipe = [
+        "--trainer.max_steps=-1",
+        "--trainer.max_epochs=30",
+        "--model.init_args.lr=0.003",
+        "--model.init_args.warmup_steps=20",
+    ]
     _finetune(tmp_path / "clean", tiny_weights, *recipe, cwd=tmp_path)
-    _finetune(tmp_path / "badnets", tiny_weights, *recipe, "--data.init_args.attack=safemerge.attacks.BadNets", cwd=tmp_path)
+    _finetune(
+        tmp_path / "badnets", tiny_weights, *recipe, "--data.init_args.attack=safemerge.attacks.BadNets", cwd=tmp_path
+    )
     clean = read_expert(tmp_path / "clean").info["metrics"]
     backdoored = read_expert(tmp_path / "badnets").info["metrics"]
     assert backdoored["asr"] >= 0.90
@@ -171,8 +194,15 @@ def test_off_task_optimized_patch_with_feature_interpolation(tmp_path):
     """BadMerging's variant: a mini_fashion expert whose trigger targets mini_digits' class 0."""
     config = str(REPO / "configs" / "finetune_optimized_patch.yaml")
     command = [
-        sys.executable, str(REPO / "trainer.py"), "fit", "--config", config, *QUIET,
-        "--trainer.max_steps=5", "--trainer.val_check_interval=5", "--data.init_args.attack.init_args.steps=20",
+        sys.executable,
+        str(REPO / "trainer.py"),
+        "fit",
+        "--config",
+        config,
+        *QUIET,
+        "--trainer.max_steps=5",
+        "--trainer.val_check_interval=5",
+        "--data.init_args.attack.init_args.steps=20",
         f"--model.init_args.output_dir={tmp_path / 'expert'}",
     ]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)

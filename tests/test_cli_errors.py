@@ -39,8 +39,17 @@ def test_a_method_file_without_its_base_says_to_add_the_base(capsys, tmp_path):
 
 
 def test_an_unknown_option_is_one_line_naming_it(capsys):
-    line = _error(["fit", "--config", str(MERGE / "merge" / "base.yaml"), "--config", str(MERGE / "merge" / "ties.yaml"),
-                   "--model.init_args.method.init_args.scaling_factr=2"], capsys)
+    line = _error(
+        [
+            "fit",
+            "--config",
+            str(MERGE / "merge" / "base.yaml"),
+            "--config",
+            str(MERGE / "merge" / "ties.yaml"),
+            "--model.init_args.method.init_args.scaling_factr=2",
+        ],
+        capsys,
+    )
     assert "Option 'scaling_factr' is not accepted" in line and "usage" not in line
 
 
@@ -65,8 +74,15 @@ def test_the_run_prints_one_line_per_expert_given_or_from_the_cache(monkeypatch,
 
     directory = tmp_path / "letters"
     directory.mkdir()
-    (directory / "expert.json").write_text(json.dumps(
-        {"task": "mini_letters", "backdoor": {"attack": "badnets", "target_class": 0}, "metrics": {"accuracy": 0.912, "asr": 0.99}}))
+    (directory / "expert.json").write_text(
+        json.dumps(
+            {
+                "task": "mini_letters",
+                "backdoor": {"attack": "badnets", "target_class": 0},
+                "metrics": {"accuracy": 0.912, "asr": 0.99},
+            }
+        )
+    )
     monkeypatch.setattr(logging.getLogger("safemerge"), "handlers", [])
     cli._log_to_stdout()
     cli._log_to_stdout()  # once only
@@ -86,22 +102,42 @@ def test_a_short_learned_merge_just_runs_and_says_what_it_does(tmp_path):
     from safemerge.experts import MINI_MODEL, MINI_WEIGHTS, ExpertSpec, ensure_expert
 
     quick = {"lr": 1e-4, "max_steps": 10, "warmup_steps": 2, "batch_size": 32}
-    off_task = {"class_path": "safemerge.attacks.BadNets",
-                "init_args": {"target_class": 1, "target_task": "mini_shapes", "poison_rate": 0.2, "size": 0.125}}
-    pool = [ensure_expert(ExpertSpec("mini_shapes", MINI_MODEL, MINI_WEIGHTS, **quick), accelerator="cpu"),
-            ensure_expert(ExpertSpec("mini_letters", MINI_MODEL, MINI_WEIGHTS, attack=off_task, **quick), accelerator="cpu")]
+    off_task = {
+        "class_path": "safemerge.attacks.BadNets",
+        "init_args": {"target_class": 1, "target_task": "mini_shapes", "poison_rate": 0.2, "size": 0.125},
+    }
+    pool = [
+        ensure_expert(ExpertSpec("mini_shapes", MINI_MODEL, MINI_WEIGHTS, **quick), accelerator="cpu"),
+        ensure_expert(
+            ExpertSpec("mini_letters", MINI_MODEL, MINI_WEIGHTS, attack=off_task, **quick), accelerator="cpu"
+        ),
+    ]
     command = [
-        sys.executable, str(REPO / "trainer.py"), "fit", "--config", str(MERGE / "merge" / "base.yaml"),
-        "--config", str(MERGE / "merge" / "adamerging.yaml"), "--config", str(MERGE / "defense" / "sau.yaml"),
-        "--model.init_args.experts=[" + ",".join(map(str, pool)) + "]", "--model.init_args.method.init_args.adamerging_steps=3",
-        "--model.init_args.defense.init_args.steps=2", f"--model.init_args.output_dir={tmp_path / 'out'}",
+        sys.executable,
+        str(REPO / "trainer.py"),
+        "fit",
+        "--config",
+        str(MERGE / "merge" / "base.yaml"),
+        "--config",
+        str(MERGE / "merge" / "adamerging.yaml"),
+        "--config",
+        str(MERGE / "defense" / "sau.yaml"),
+        "--model.init_args.experts=[" + ",".join(map(str, pool)) + "]",
+        "--model.init_args.method.init_args.adamerging_steps=3",
+        "--model.init_args.defense.init_args.steps=2",
+        f"--model.init_args.output_dir={tmp_path / 'out'}",
         "--data.init_args.eval_batch_size=250",
     ]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     output = result.stdout + result.stderr
-    for line in ("expert mini_shapes (clean): given", "merging: AdaMerging coefficients, 3 steps", "defence: SAU defense, 2 steps",
-                 "evaluating: AdaMerging (layer-wise) + SAU", f"report written to {tmp_path / 'out' / 'report.md'}"):
+    for line in (
+        "expert mini_shapes (clean): given",
+        "merging: AdaMerging coefficients, 3 steps",
+        "defence: SAU defense, 2 steps",
+        "evaluating: AdaMerging (layer-wise) + SAU",
+        f"report written to {tmp_path / 'out' / 'report.md'}",
+    ):
         assert line in output
     for noise in ("💡 Tip", "in eval mode", "does not have many workers", "anonymous setting", "is deprecated"):
         assert noise not in output

@@ -14,19 +14,49 @@ def _commands(capsys, *argv):
 
 
 def _configs(command):
-    return [Path(command[i + 1]).relative_to(compare_methods.CONFIGS).as_posix() for i, a in enumerate(command) if a == "--config"]
+    return [
+        Path(command[i + 1]).relative_to(compare_methods.CONFIGS).as_posix()
+        for i, a in enumerate(command)
+        if a == "--config"
+    ]
 
 
 def test_a_method_with_options_runs_base_pool_method_then_options_for_every_seed_and_pool(capsys):
-    commands = _commands(capsys, "--methods", "task_arithmetic", "dam_task_arithmetic+patch_trigger+attribution_trim",
-                         "task_arithmetic+sau", "--pools", "mini_default", "mini_heldout_two", "--seeds", "0", "1",
-                         "--output", "out")
-    runs = [(_configs(c), next(a for a in c if a.startswith("--seed_everything")),
-             next(a for a in c if a.startswith("--model.init_args.output_dir"))) for c in commands]
-    assert runs[0] == (["merge/base.yaml", "pools/mini_default.yaml", "merge/task_arithmetic.yaml"],
-                       "--seed_everything=0", "--model.init_args.output_dir=out/mini_default/task_arithmetic/seed0")
-    assert runs[1][0] == ["merge/base.yaml", "pools/mini_default.yaml", "merge/dam_task_arithmetic.yaml",
-                          "dam/patch_trigger.yaml", "dam/attribution_trim.yaml"]
+    commands = _commands(
+        capsys,
+        "--methods",
+        "task_arithmetic",
+        "dam_task_arithmetic+patch_trigger+attribution_trim",
+        "task_arithmetic+sau",
+        "--pools",
+        "mini_default",
+        "mini_heldout_two",
+        "--seeds",
+        "0",
+        "1",
+        "--output",
+        "out",
+    )
+    runs = [
+        (
+            _configs(c),
+            next(a for a in c if a.startswith("--seed_everything")),
+            next(a for a in c if a.startswith("--model.init_args.output_dir")),
+        )
+        for c in commands
+    ]
+    assert runs[0] == (
+        ["merge/base.yaml", "pools/mini_default.yaml", "merge/task_arithmetic.yaml"],
+        "--seed_everything=0",
+        "--model.init_args.output_dir=out/mini_default/task_arithmetic/seed0",
+    )
+    assert runs[1][0] == [
+        "merge/base.yaml",
+        "pools/mini_default.yaml",
+        "merge/dam_task_arithmetic.yaml",
+        "dam/patch_trigger.yaml",
+        "dam/attribution_trim.yaml",
+    ]
     assert runs[4][0][-2:] == ["merge/task_arithmetic.yaml", "defense/sau.yaml"]
     # task arithmetic learns nothing: one seed; with a defence it learns: every seed
     assert len(commands) == 2 * (1 + 2 + 2)
@@ -38,12 +68,15 @@ def test_without_pools_the_base_config_pool_is_used(capsys):
     assert _configs(command) == ["merge/base.yaml", "merge/ties.yaml"]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--methods", "nope"], "unknown method 'nope'"),
-    (["--methods", "base"], "unknown method 'base'"),
-    (["--methods", "ties+nope"], "unknown option 'nope' in 'ties+nope'"),
-    (["--methods", "ties", "--pools", "nope"], "unknown pool 'nope'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--methods", "nope"], "unknown method 'nope'"),
+        (["--methods", "base"], "unknown method 'base'"),
+        (["--methods", "ties+nope"], "unknown option 'nope' in 'ties+nope'"),
+        (["--methods", "ties", "--pools", "nope"], "unknown pool 'nope'"),
+    ],
+)
 def test_unknown_names_are_refused_before_anything_runs(argv, message, capsys):
     with pytest.raises(SystemExit, match=re.escape(message)):
         compare_methods.main(["--dry-run", *argv])

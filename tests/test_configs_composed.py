@@ -24,15 +24,34 @@ def test_the_generated_configs_are_current():
 
 def test_the_main_job_is_base_adamerging_sau_expert_labels_one_attack_step_with_base_outputs():
     job = yaml.safe_load((CONFIGS / "merge.yaml").read_text())
-    parts = composed([CONFIGS / p for p in ("merge/base.yaml", "merge/adamerging.yaml", "defense/sau.yaml",
-                                            "defense/expert_labels.yaml", "defense/one_attack_step.yaml")])
+    parts = composed(
+        [
+            CONFIGS / p
+            for p in (
+                "merge/base.yaml",
+                "merge/adamerging.yaml",
+                "defense/sau.yaml",
+                "defense/expert_labels.yaml",
+                "defense/one_attack_step.yaml",
+            )
+        ]
+    )
     init = job["model"]["init_args"]
-    assert init["method"] == {"class_path": "safemerge.merging.AdaMerging", "init_args": {
-        "granularity": "layer", "scaling_factor": 0.3, "adamerging_steps": 200, "adamerging_lr": 0.001}}
+    assert init["method"] == {
+        "class_path": "safemerge.merging.AdaMerging",
+        "init_args": {"granularity": "layer", "scaling_factor": 0.3, "adamerging_steps": 200, "adamerging_lr": 0.001},
+    }
     assert init["defense"]["class_path"] == "safemerge.defenses.SAU"
-    assert init["defense"]["init_args"]["attack_steps"] == 1 and init["defense"]["init_args"]["pseudo_labels"] == "experts"
+    assert (
+        init["defense"]["init_args"]["attack_steps"] == 1 and init["defense"]["init_args"]["pseudo_labels"] == "experts"
+    )
     # everything but the output places is the composition; those stay base's
-    assert init["output_dir"] == job["trainer"]["default_root_dir"] == "outputs/merge" != parts["model"]["init_args"]["output_dir"]
+    assert (
+        init["output_dir"]
+        == job["trainer"]["default_root_dir"]
+        == "outputs/merge"
+        != parts["model"]["init_args"]["output_dir"]
+    )
     assert "name" not in job["trainer"]["logger"]["init_args"]
     for section in ("model", "trainer"):
         parts[section].pop("default_root_dir", None), parts[section].pop("logger", None)
@@ -65,14 +84,17 @@ def test_no_other_config_writes_the_default_pool_out():
     for path in CONFIGS.rglob("*.yaml"):
         if path not in copies:
             init = (yaml.safe_load(path.read_text()) or {}).get("model", {}).get("init_args", {}) or {}
-            assert init.get("experts") != default, f"{path} writes the default pool out; compose configs/pools/mini_default.yaml"
+            assert init.get("experts") != default, (
+                f"{path} writes the default pool out; compose configs/pools/mini_default.yaml"
+            )
 
 
 def test_check_mode_names_a_stale_config(tmp_path, monkeypatch):
     copy = tmp_path / "configs"
     shutil.copytree(CONFIGS, copy)
     (copy / "defense" / "one_attack_step.yaml").write_text(
-        "model:\n  init_args:\n    defense:\n      init_args:\n        attack_steps: 3\n")
+        "model:\n  init_args:\n    defense:\n      init_args:\n        attack_steps: 3\n"
+    )
     monkeypatch.setattr(configs, "generated", lambda: generated(copy))
     with pytest.raises(SystemExit, match=r"error: stale: .*merge\.yaml; run python -m safemerge.protocol.configs"):
         configs.main(["--check"])

@@ -29,7 +29,7 @@ CONFIGS = {
     "w64-h4-p4-quickgelu-v4": (64, 4, 4, 16, 2, "quick_gelu", "v4"),
 }
 TASKS = ("mnist", "svhn", "gtsrb")
-PROMPTS = ["a photo of a cat.", "a photo of the number: \"7\".", "a centered satellite photo of forest."]
+PROMPTS = ["a photo of a cat.", 'a photo of the number: "7".', "a centered satellite photo of forest."]
 
 
 def _hf_vocab(directory: Path) -> None:
@@ -39,15 +39,24 @@ def _hf_vocab(directory: Path) -> None:
     vocab = dict(SimpleTokenizer().encoder)
     vocab["<|startoftext|>"], vocab["<|endoftext|>"] = vocab.pop("<start_of_text>"), vocab.pop("<end_of_text>")
     (directory / "vocab.json").write_text(json.dumps(vocab))
-    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
     (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
 def _clip_config(width, heads, patch, image, layers, act):
     return transformers.CLIPConfig(
-        text_config=dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, hidden_act=act),
-        vision_config=dict(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers, num_attention_heads=heads,
-                           image_size=image, patch_size=patch, hidden_act=act),
+        text_config=dict(
+            hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, hidden_act=act
+        ),
+        vision_config=dict(
+            hidden_size=width,
+            intermediate_size=4 * width,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            image_size=image,
+            patch_size=patch,
+            hidden_act=act,
+        ),
         projection_dim=24,
     )
 
@@ -72,13 +81,17 @@ def hf_pool(request, tmp_path_factory):
     experts = []
     for i, task in enumerate(TASKS):
         vision = transformers.CLIPVisionModel(model.config.vision_config).eval()
-        state = {k.removeprefix("vision_model."): v + 0.01 * (i + 1) * torch.randn_like(v)
-                 for k, v in model.vision_model.state_dict().items()}
+        state = {
+            k.removeprefix("vision_model."): v + 0.01 * (i + 1) * torch.randn_like(v)
+            for k, v in model.vision_model.state_dict().items()
+        }
         vision.vision_model.load_state_dict(state) if hasattr(vision, "vision_model") else vision.load_state_dict(state)
         directory = tmp / f"expert_hf_{task}"
         vision.save_pretrained(directory)
         if layout == "v4":  # transformers 4.x files put the tower under vision_model.
-            save_file({f"vision_model.{k}": v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors"))
+            save_file(
+                {f"vision_model.{k}": v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors")
+            )
         experts.append((task, directory, state))
     assert main(["hf-base", str(tmp / "base_hf"), str(tmp / "base")]) == 0
     return tmp, model, experts, layout
@@ -111,9 +124,16 @@ def test_hf_experts_merged_by_task_arithmetic_export_as_the_task_arithmetic_of_t
     assert directories[0].info["num_classes"] == get_task(TASKS[0]).num_classes
     clip = load_clip(directories[0].info["model"])
     merged = task_arithmetic(clip.visual.state_dict(), [e.encoder for e in directories], 0.3)
-    info = expert_info(model=directories[0].info["model"], pretrained=None, task="+".join(TASKS),
-                       num_classes=sum(get_task(t).num_classes for t in TASKS), backdoor=None,
-                       metrics={"accuracy": None, "asr": None}, tasks=list(TASKS), method="task_arithmetic")
+    info = expert_info(
+        model=directories[0].info["model"],
+        pretrained=None,
+        task="+".join(TASKS),
+        num_classes=sum(get_task(t).num_classes for t in TASKS),
+        backdoor=None,
+        metrics={"accuracy": None, "asr": None},
+        tasks=list(TASKS),
+        method="task_arithmetic",
+    )
     write_expert(tmp / "merged", Expert(encoder=merged, info=info))
     assert main(["to-hf", str(tmp / "merged"), str(tmp / "merged_hf")]) == 0
 
@@ -139,7 +159,9 @@ def test_hf_experts_merged_by_task_arithmetic_export_as_the_task_arithmetic_of_t
     full = transformers.CLIPModel.from_pretrained(tmp / "merged_full", local_files_only=True).eval()
     tokens = clip.tokenizer(PROMPTS, context_length=clip.context_length)
     with torch.no_grad():
-        torch.testing.assert_close(_features(full.get_image_features(pixel_values=x)), ours, atol=1e-5 * ours.abs().max().item(), rtol=1e-5)
+        torch.testing.assert_close(
+            _features(full.get_image_features(pixel_values=x)), ours, atol=1e-5 * ours.abs().max().item(), rtol=1e-5
+        )
         text = _features(model.get_text_features(input_ids=tokens))
         torch.testing.assert_close(_features(full.get_text_features(input_ids=tokens)), text, atol=1e-6, rtol=1e-6)
     assert (tmp / "merged_full" / "vocab.json").is_file()  # the base's tokenizer travels with it
@@ -168,8 +190,11 @@ def test_hf_tokenizer_and_open_clip_give_the_same_ids_on_every_task_prompt(tmp_p
     prompts = sorted({p for name in task_names() for c in get_task(name).classnames for p in get_task(name).prompts(c)})
     assert len(prompts) > 1000
     theirs = hf(prompts)["input_ids"]
-    mismatched = [(p, ids, [ours.sot_token_id, *ours.encode(p), ours.eot_token_id])
-                  for p, ids in zip(prompts, theirs) if ids != [ours.sot_token_id, *ours.encode(p), ours.eot_token_id]]
+    mismatched = [
+        (p, ids, [ours.sot_token_id, *ours.encode(p), ours.eot_token_id])
+        for p, ids in zip(prompts, theirs)
+        if ids != [ours.sot_token_id, *ours.encode(p), ours.eot_token_id]
+    ]
     assert not mismatched, mismatched[:3]
 
 

@@ -73,10 +73,15 @@ def checkpoints(tmp_path_factory):
             for p in clip.visual.parameters():
                 p.add_(0.01 * torch.randn_like(p))
         clip.visual.__class__ = VisualTransformer
-        preprocess = transforms.Compose([
-            transforms.Resize(32, interpolation=transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(32),
-            open_clip.transform._convert_to_rgb, transforms.ToTensor(), transforms.Normalize((0.5,) * 3, (0.25,) * 3),
-        ])
+        preprocess = transforms.Compose(
+            [
+                transforms.Resize(32, interpolation=transforms.InterpolationMode.BICUBIC),
+                transforms.CenterCrop(32),
+                open_clip.transform._convert_to_rgb,
+                transforms.ToTensor(),
+                transforms.Normalize((0.5,) * 3, (0.25,) * 3),
+            ]
+        )
         encoder = ImageEncoder(clip, preprocess)
         tower = {k: v.clone() for k, v in clip.visual.state_dict().items()}
         head = torch.randn(10, clip.visual.output_dim) * 30
@@ -98,9 +103,22 @@ def checkpoints(tmp_path_factory):
 
 def test_task_vectors_pickles_convert_exactly_in_a_process_without_their_classes(checkpoints):
     tmp, tower, head = checkpoints
-    calls = [["task-vectors", str(tmp / f"finetuned_{kind}.pt"), str(tmp / f"out_{kind}"), "--task", TASK,
-              "--model", MODEL, "--pretrained", PRETRAINED, "--head", str(tmp / ("head_mnist_pickle.pt" if kind == "pickle" else "head_mnist.pt"))]
-             for kind in SERIALISATIONS]
+    calls = [
+        [
+            "task-vectors",
+            str(tmp / f"finetuned_{kind}.pt"),
+            str(tmp / f"out_{kind}"),
+            "--task",
+            TASK,
+            "--model",
+            MODEL,
+            "--pretrained",
+            PRETRAINED,
+            "--head",
+            str(tmp / ("head_mnist_pickle.pt" if kind == "pickle" else "head_mnist.pt")),
+        ]
+        for kind in SERIALISATIONS
+    ]
     script = (
         "import sys, importlib.util, open_clip\n"
         "from safemerge.convert.__main__ import main\n"
@@ -109,8 +127,15 @@ def test_task_vectors_pickles_convert_exactly_in_a_process_without_their_classes
         "assert 'src' not in sys.modules and 'src.modeling' not in sys.modules\n"
         "sys.exit(max(codes))\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], check=False, cwd=tmp, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        check=False,
+        cwd=tmp,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     for kind in SERIALISATIONS:
         expert = read_expert(tmp / f"out_{kind}")
@@ -128,8 +153,24 @@ def test_a_converted_head_is_its_tasks_head_in_a_merge(checkpoints, tmp_path):
 
     tmp, _, head = checkpoints
     out = tmp_path / "expert"
-    assert main(["task-vectors", str(tmp / "finetuned_zip.pt"), str(out), "--task", TASK, "--model", MODEL,
-                 "--pretrained", PRETRAINED, "--head", str(tmp / "head_mnist.pt")]) == 0
+    assert (
+        main(
+            [
+                "task-vectors",
+                str(tmp / "finetuned_zip.pt"),
+                str(out),
+                "--task",
+                TASK,
+                "--model",
+                MODEL,
+                "--pretrained",
+                PRETRAINED,
+                "--head",
+                str(tmp / "head_mnist.pt"),
+            ]
+        )
+        == 0
+    )
     module = MergeModule(experts=[str(out)], method=TaskArithmetic(), output_dir=None)
     assert torch.equal(module.classifier.head(TASK), head)
 
@@ -150,7 +191,10 @@ def test_a_pickle_that_would_run_a_command_is_refused_in_one_line_and_nothing_ru
             torch.save(payload, path, _use_new_zipfile_serialization=kind == "zip")
         out = tmp_path / f"out_{kind}"
         capsys.readouterr()
-        assert main(["task-vectors", str(path), str(out), "--task", TASK, "--model", MODEL, "--pretrained", PRETRAINED]) == 2
+        assert (
+            main(["task-vectors", str(path), str(out), "--task", TASK, "--model", MODEL, "--pretrained", PRETRAINED])
+            == 2
+        )
         err = capsys.readouterr().err
         assert err.startswith("error: refusing to load") and err.count("\n") == 1, err
         assert "the global posix.system" in err and str(path) in err, err

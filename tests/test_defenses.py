@@ -91,7 +91,8 @@ def test_the_toy_is_backdoored_before_any_defence():
 
 DEFENSES = {
     "awm": lambda: __import__("safemerge.defenses", fromlist=["AWM"]).AWM(
-        steps=100, mask_lr=0.05, perturbation_eps=0.25, perturbation_lr=0.1),
+        steps=100, mask_lr=0.05, perturbation_eps=0.25, perturbation_lr=0.1
+    ),
     "sau": lambda: __import__("safemerge.defenses", fromlist=["SAU"]).SAU(steps=60, mask_lr=0.05, perturbation_eps=0.5),
 }
 
@@ -142,8 +143,15 @@ def two_task_learner(defense):
     classifier = ImageClassifier(tower, heads, [0.0] * 3, [1.0] * 3)
     method = TaskArithmetic(scaling_factor=0.5)
     static = method.merge(tower.state_dict(), [straight, crossed])
-    return MergeLearner(MergedEncoder(tower, [straight, crossed]), classifier, method, ["a", "b"], image_size=2,
-                        defense=defense, static_weights=static)
+    return MergeLearner(
+        MergedEncoder(tower, [straight, crossed]),
+        classifier,
+        method,
+        ["a", "b"],
+        image_size=2,
+        defense=defense,
+        static_weights=static,
+    )
 
 
 @pytest.mark.parametrize("name", ["AWM", "SAU"])
@@ -164,7 +172,9 @@ def test_expert_pseudo_labels_are_each_tasks_own_experts_predictions_and_feed_th
     assert losses["clean_loss"] == pytest.approx(expected, rel=1e-5)
     merged_labels = two_task_learner(getattr(defenses, name)(steps=1))
     own = sum(float(torch.nn.functional.cross_entropy(merged[t], merged[t].argmax(-1))) for t in batch)
-    assert merged_labels.training_step(0, batch, merged_labels.make_optimizers())["clean_loss"] == pytest.approx(own, rel=1e-5)
+    assert merged_labels.training_step(0, batch, merged_labels.make_optimizers())["clean_loss"] == pytest.approx(
+        own, rel=1e-5
+    )
 
 
 def test_attribution_names_the_expert_whose_task_vector_carries_the_trigger_and_caps_it():
@@ -185,10 +195,21 @@ def test_attribution_names_the_expert_whose_task_vector_carries_the_trigger_and_
     tower = LinearTower()
     with torch.no_grad():
         tower.proj.weight.copy_(base)
-    classifier = ImageClassifier(tower, {"t": LOGIT_SCALE * torch.eye(2), "u": LOGIT_SCALE * torch.eye(2)}, [0.0] * 3, [1.0] * 3)
+    classifier = ImageClassifier(
+        tower, {"t": LOGIT_SCALE * torch.eye(2), "u": LOGIT_SCALE * torch.eye(2)}, [0.0] * 3, [1.0] * 3
+    )
     encoder = MergedEncoder(tower, [{"proj.weight": base + refinement}, {"proj.weight": base + backdoor}])
-    method = DAMTaskArithmetic(scaling_factor=1.0, steps=30, mask_lr=1e-3, trigger="patch", patch_size=1,
-                               perturbation_lr=0.3, area_weight=0.0, attribution="cap", attribution_factor=0.25)
+    method = DAMTaskArithmetic(
+        scaling_factor=1.0,
+        steps=30,
+        mask_lr=1e-3,
+        trigger="patch",
+        patch_size=1,
+        perturbation_lr=0.3,
+        area_weight=0.0,
+        attribution="cap",
+        attribution_factor=0.25,
+    )
     learner = MergeLearner(encoder, classifier, method, ["t", "u"], image_size=2)
     optimizers = learner.make_optimizers()
     for step in range(method.steps):
@@ -199,7 +220,9 @@ def test_attribution_names_the_expert_whose_task_vector_carries_the_trigger_and_
         learner.training_step(step, {"t": images, "u": images}, optimizers)
     attribution = learner.notes["attribution"]
     assert attribution["expert"] == "u", attribution
-    assert attribution["flip_rate"] > 0.3 and attribution["drop"]["u"] > 0.3 and attribution["drop"]["t"] < 0.1, attribution
+    assert attribution["flip_rate"] > 0.3 and attribution["drop"]["u"] > 0.3 and attribution["drop"]["t"] < 0.1, (
+        attribution
+    )
     # capped in every merge from now on; the expert itself is still evaluated as fine-tuned
     assert float(encoder.vectors(0)[1].view(2, 12)[0, corner]) == pytest.approx(0.75)
     assert torch.allclose(encoder.expert_weights(1)["proj.weight"], base + backdoor)
@@ -209,7 +232,9 @@ def test_trimming_an_expert_zeroes_its_smallest_entries_over_the_whole_vector():
     tower = LinearTower()
     with torch.no_grad():
         tower.proj.weight.zero_()
-    update = (torch.arange(1.0, 25.0) * torch.tensor([1.0, -1.0]).repeat(12)).view(2, 12)  # magnitudes 1..24, mixed signs
+    update = (torch.arange(1.0, 25.0) * torch.tensor([1.0, -1.0]).repeat(12)).view(
+        2, 12
+    )  # magnitudes 1..24, mixed signs
     encoder = MergedEncoder(tower, [{"proj.weight": update}, {"proj.weight": update.clone()}])
     encoder.edit_expert_(0, trim=0.75)
     kept = encoder.vectors(0)[0]

@@ -50,14 +50,26 @@ def _image_statistics(name: str, split: str, n: int) -> np.ndarray:
     dataset = DomainTaskDataset(name, split, num_samples=n)
     images = torch.stack([dataset.image(i) for i in range(n)])
     gray = images.mean(1)
-    edges = torch.cat([(gray[:, :, 1:] - gray[:, :, :-1]).abs().flatten(1), (gray[:, 1:] - gray[:, :-1]).abs().flatten(1)], 1)
+    edges = torch.cat(
+        [(gray[:, :, 1:] - gray[:, :, :-1]).abs().flatten(1), (gray[:, 1:] - gray[:, :-1]).abs().flatten(1)], 1
+    )
     saturation = images.max(1).values - images.min(1).values
     levels = torch.stack([((gray >= a) & (gray < a + 0.125)).float().mean((1, 2)) for a in np.arange(0, 1, 0.125)], 1)
     bins = (0.0, 0.02, 0.05, 0.1, 0.2, 0.4, 2.0)
     edge_levels = torch.stack([((edges >= a) & (edges < b)).float().mean(1) for a, b in zip(bins, bins[1:])], 1)
     layout = torch.nn.functional.avg_pool2d(gray[:, None], 8).flatten(1)
-    return torch.cat([images.mean((2, 3)), images.std((2, 3)), saturation.mean((1, 2))[:, None],
-                      saturation.std((1, 2))[:, None], levels, edge_levels, layout], 1).numpy()
+    return torch.cat(
+        [
+            images.mean((2, 3)),
+            images.std((2, 3)),
+            saturation.mean((1, 2))[:, None],
+            saturation.std((1, 2))[:, None],
+            levels,
+            edge_levels,
+            layout,
+        ],
+        1,
+    ).numpy()
 
 
 def test_a_linear_probe_on_image_statistics_tells_the_domains_apart():
@@ -80,8 +92,12 @@ def test_a_linear_probe_on_image_statistics_tells_the_domains_apart():
 def _named_classes(task: str, text: str) -> set[int]:
     words = DOMAINS[task].words
     text = text.lower()
-    return {c for c, options in enumerate(words) for w in options
-            if re.search(rf"(?<![\w-]){re.escape(w.lower())}(?![\w-])", text)}
+    return {
+        c
+        for c, options in enumerate(words)
+        for w in options
+        if re.search(rf"(?<![\w-]){re.escape(w.lower())}(?![\w-])", text)
+    }
 
 
 def test_captions_never_name_the_held_back_classes_and_name_only_the_true_one():
@@ -91,7 +107,9 @@ def test_captions_never_name_the_held_back_classes_and_name_only_the_true_one():
         task, label, _, text = captions.describe(index)
         named = _named_classes(task, text) - ({label} if task != "mini_letters" else set())
         if task == "mini_letters":  # single letters: compare the letter the caption spells out
-            spelled = set(re.findall(r"\b(?:letter|capital|character) ([A-Z])\b", text)) | set(re.findall(r"\b([A-Z]) in ink", text))
+            spelled = set(re.findall(r"\b(?:letter|capital|character) ([A-Z])\b", text)) | set(
+                re.findall(r"\b([A-Z]) in ink", text)
+            )
             assert spelled <= {mini_v2.LETTERS[label]}, text
             if spelled:
                 assert label not in UNNAMED_IN_CAPTIONS[task]

@@ -24,7 +24,9 @@ from safemerge.experts import MINI_BACKDOORS, MINI_MODEL, MINI_WEIGHTS, ExpertSp
 from safemerge.io import read_expert
 
 REPO = Path(__file__).resolve().parents[1]
-SPEC = ExpertSpec(task="mini_shapes", model=MINI_MODEL, pretrained=MINI_WEIGHTS, lr=1e-4, max_steps=2, batch_size=16, warmup_steps=1)
+SPEC = ExpertSpec(
+    task="mini_shapes", model=MINI_MODEL, pretrained=MINI_WEIGHTS, lr=1e-4, max_steps=2, batch_size=16, warmup_steps=1
+)
 
 
 @pytest.fixture
@@ -34,8 +36,13 @@ def expert_cache(tmp_path, monkeypatch):
 
 
 def mini_spec(task: str, backdoored: bool = False, **recipe) -> ExpertSpec:
-    return ExpertSpec(task=task, model=MINI_MODEL, pretrained=MINI_WEIGHTS,
-                      attack=MINI_BACKDOORS[task] if backdoored else None, **recipe)
+    return ExpertSpec(
+        task=task,
+        model=MINI_MODEL,
+        pretrained=MINI_WEIGHTS,
+        attack=MINI_BACKDOORS[task] if backdoored else None,
+        **recipe,
+    )
 
 
 # ----------------------------------------------------------------------------- the entry
@@ -65,9 +72,14 @@ def test_second_request_does_no_training_and_each_request_logs_one_line(expert_c
 def test_the_log_line_names_the_attack_and_its_success_rate():
     spec = mini_spec("mini_fashion", backdoored=True)
     info = {"metrics": {"accuracy": 0.881, "asr": 0.97}}
-    assert (f"expert {experts_module.describe_spec(spec)}: cached{experts_module._scores(info)}"
-            == "expert mini_fashion (OptimizedPatch -> mini_digits class 0): cached, accuracy 88.1 %, ASR 97.0 %")
-    assert experts_module.describe_spec(mini_spec("mini_terrain", backdoored=True)) == "mini_terrain (OptimizedPatch -> class 0)"
+    assert (
+        f"expert {experts_module.describe_spec(spec)}: cached{experts_module._scores(info)}"
+        == "expert mini_fashion (OptimizedPatch -> mini_digits class 0): cached, accuracy 88.1 %, ASR 97.0 %"
+    )
+    assert (
+        experts_module.describe_spec(mini_spec("mini_terrain", backdoored=True))
+        == "mini_terrain (OptimizedPatch -> class 0)"
+    )
 
 
 def test_interrupted_request_leaves_no_trusted_entry(expert_cache, monkeypatch):
@@ -115,8 +127,11 @@ def edited(monkeypatch, path: Path, old: str, new: str) -> None:
     """Make the key see ``path`` as if a user had replaced ``old`` by ``new`` in it."""
     read = experts_module._read
     assert old in path.read_text(), f"{old!r} is not in {path}: update this test"
-    monkeypatch.setattr(experts_module, "_read",
-                        lambda p: read(p).replace(old.encode(), new.encode()) if p.resolve() == path else read(p))
+    monkeypatch.setattr(
+        experts_module,
+        "_read",
+        lambda p: read(p).replace(old.encode(), new.encode()) if p.resolve() == path else read(p),
+    )
 
 
 def test_the_key_changes_when_the_source_of_a_task_s_images_changes(monkeypatch):
@@ -198,11 +213,15 @@ def test_the_key_is_the_same_in_another_process_and_another_checkout(tmp_path):
     checkout = tmp_path / "checkout"
     shutil.copytree(REPO / "safemerge", checkout / "safemerge", ignore=shutil.ignore_patterns("__pycache__"))
     specs = [mini_spec(task) for task in ("mini_shapes", "mini_digit")] + [mini_spec("mini_fashion", backdoored=True)]
-    script = ("import safemerge\nfrom safemerge.experts import ExpertSpec\n"
-              f"assert safemerge.__file__.startswith({str(checkout)!r})\n"
-              f"for spec in {[dataclasses.asdict(s) for s in specs]!r}:\n    print(ExpertSpec(**spec).key())\n")
+    script = (
+        "import safemerge\nfrom safemerge.experts import ExpertSpec\n"
+        f"assert safemerge.__file__.startswith({str(checkout)!r})\n"
+        f"for spec in {[dataclasses.asdict(s) for s in specs]!r}:\n    print(ExpertSpec(**spec).key())\n"
+    )
     env = {**os.environ, "PYTHONPATH": str(checkout)}
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == [spec.key() for spec in specs]
 
@@ -242,8 +261,13 @@ def client(tmp_path: Path, me: str, mode: str) -> subprocess.Popen:
     script.write_text(CLIENT)
     env = {**os.environ, "PYTHONPATH": str(REPO), "SAFEMERGE_CACHE": str(tmp_path / "cache")}
     with open(tmp_path / f"{me}.out", "w") as out, open(tmp_path / f"{me}.err", "w") as err:
-        return subprocess.Popen([sys.executable, str(script), str(tmp_path), me, mode, repr(dataclasses.asdict(SPEC))],
-                                cwd=tmp_path, env=env, stdout=out, stderr=err)
+        return subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path), me, mode, repr(dataclasses.asdict(SPEC))],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=err,
+        )
 
 
 def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[str, str]:

@@ -94,7 +94,8 @@ def _attacks_in_use() -> set[str]:
 def test_an_attack_has_a_config_using_it_its_readme_entry_and_its_name(cls):
     assert follows_the_naming_rule(cls), f"{cls.__name__}.name = {cls.name!r} breaks the naming rule"
     assert f"safemerge.attacks.{cls.__name__}" in _attacks_in_use(), (
-        f"no fine-tuning config (data.init_args.attack) and no pool uses {cls.__name__}")
+        f"no fine-tuning config (data.init_args.attack) and no pool uses {cls.__name__}"
+    )
     row = next(line for line in README.splitlines() if line.startswith("| attacks |"))
     assert f"`{cls.__name__}`" in row, f"README's attacks row does not name `{cls.__name__}`"
 
@@ -140,10 +141,19 @@ def _tiny_experts(directory: Path) -> tuple[dict, list[Path]]:
     generator = torch.Generator().manual_seed(0)
     paths = []
     for task in ("mini_shapes", "mini_terrain"):
-        encoder = {k: v + 0.01 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v.clone()
-                   for k, v in base.items()}
-        info = expert_info(model=MINI_MODEL, pretrained=MINI_WEIGHTS, task=task, num_classes=6, backdoor=None,
-                           metrics={"accuracy": 0.5, "asr": None}, image_size=32)
+        encoder = {
+            k: v + 0.01 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v.clone()
+            for k, v in base.items()
+        }
+        info = expert_info(
+            model=MINI_MODEL,
+            pretrained=MINI_WEIGHTS,
+            task=task,
+            num_classes=6,
+            backdoor=None,
+            metrics={"accuracy": 0.5, "asr": None},
+            image_size=32,
+        )
         paths.append(write_expert(directory / task, Expert(encoder=encoder, info=info)))
     return base, paths
 
@@ -155,10 +165,21 @@ def test_a_new_static_method_is_one_class_and_one_yaml_and_merges_through_the_cl
     config = tmp_path / "first_expert.yaml"
     config.write_text(FIRST_EXPERT_YAML)
     out = tmp_path / "out"
-    main(["fit", "--config", str(CONFIGS / "merge" / "base.yaml"), "--config", str(config),
-          "--model.init_args.experts=[" + ",".join(map(str, experts)) + "]", "--trainer.logger=false",
-          "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-          "--data.init_args.eval_batch_size=250", f"--model.init_args.output_dir={out}"])
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "merge" / "base.yaml"),
+            "--config",
+            str(config),
+            "--model.init_args.experts=[" + ",".join(map(str, experts)) + "]",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            "--data.init_args.eval_batch_size=250",
+            f"--model.init_args.output_dir={out}",
+        ]
+    )
     report = json.loads((out / "report.json").read_text())
     assert report["method"] == "first_expert" and report["config"]["method"]["scaling_factor"] == 0.5
     assert list(report["tasks"]) == ["mini_shapes", "mini_terrain"]

@@ -17,16 +17,42 @@ DATA = Path(__file__).resolve().parent / "data"
 FUSIONBENCH = DATA / "fusionbench"
 
 # FusionBench's task name -> safemerge's (the only difference: the Stanford Cars name).
-FUSIONBENCH_TASKS = {"sun397": "sun397", "stanford-cars": "cars", "resisc45": "resisc45", "eurosat": "eurosat",
-                     "svhn": "svhn", "gtsrb": "gtsrb", "mnist": "mnist", "dtd": "dtd"}
+FUSIONBENCH_TASKS = {
+    "sun397": "sun397",
+    "stanford-cars": "cars",
+    "resisc45": "resisc45",
+    "eurosat": "eurosat",
+    "svhn": "svhn",
+    "gtsrb": "gtsrb",
+    "mnist": "mnist",
+    "dtd": "dtd",
+}
 # FusionBench's module of each task (its CLIPTemplateFactory maps "stanford-cars" to stanford_cars.py).
 FUSIONBENCH_MODULES = {name: name.replace("-", "_") for name in FUSIONBENCH_TASKS}
 # task_vectors' dataset names (its dataset_to_template keys).
-TASK_VECTORS_NAMES = {"sun397": "SUN397", "cars": "Cars", "resisc45": "RESISC45", "eurosat": "EuroSAT",
-                      "svhn": "SVHN", "gtsrb": "GTSRB", "mnist": "MNIST", "dtd": "DTD"}
+TASK_VECTORS_NAMES = {
+    "sun397": "SUN397",
+    "cars": "Cars",
+    "resisc45": "RESISC45",
+    "eurosat": "EuroSAT",
+    "svhn": "SVHN",
+    "gtsrb": "GTSRB",
+    "mnist": "MNIST",
+    "dtd": "DTD",
+}
 # EuroSAT's class folders (2750/<folder>/*.jpg); ImageFolder numbers them in sorted order.
-EUROSAT_FOLDERS = ["AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture",
-                   "PermanentCrop", "Residential", "River", "SeaLake"]
+EUROSAT_FOLDERS = [
+    "AnnualCrop",
+    "Forest",
+    "HerbaceousVegetation",
+    "Highway",
+    "Industrial",
+    "Pasture",
+    "PermanentCrop",
+    "Residential",
+    "River",
+    "SeaLake",
+]
 
 
 def _fusionbench(task: str) -> dict:
@@ -42,8 +68,12 @@ def test_the_pool_is_fusionbenchs_ta8_in_its_order():
     fusionbench_tasks = [name for name in modelpool if name != "_pretrained_"]
     assert set(fusionbench_tasks) == set(FUSIONBENCH_TASKS)
     pool = yaml.safe_load((REPO / "configs" / "paper" / "pools" / "fusionbench_ta8.yaml").read_text())
-    assert pool["model"]["init_args"]["experts"] == [f"$SAFEMERGE_EXPERTS/{FUSIONBENCH_TASKS[t]}" for t in fusionbench_tasks]
-    assert {modelpool[t] for t in fusionbench_tasks} == {f"tanganke/clip-vit-base-patch32_{t}" for t in FUSIONBENCH_TASKS}
+    assert pool["model"]["init_args"]["experts"] == [
+        f"$SAFEMERGE_EXPERTS/{FUSIONBENCH_TASKS[t]}" for t in fusionbench_tasks
+    ]
+    assert {modelpool[t] for t in fusionbench_tasks} == {
+        f"tanganke/clip-vit-base-patch32_{t}" for t in FUSIONBENCH_TASKS
+    }
 
 
 def test_the_recipe_downloads_and_converts_every_expert_of_the_pool():
@@ -65,7 +95,9 @@ def test_class_names_and_prompts_are_fusionbenchs(fusionbench):
 
 @pytest.mark.parametrize("task_name", TASK_VECTORS_NAMES)
 def test_templates_are_task_vectors(task_name):
-    templates = runpy.run_path(str(DATA / "task_vectors_templates.py"))["dataset_to_template"][TASK_VECTORS_NAMES[task_name]]
+    templates = runpy.run_path(str(DATA / "task_vectors_templates.py"))["dataset_to_template"][
+        TASK_VECTORS_NAMES[task_name]
+    ]
     task = get_task(task_name)
     assert [task.prompts(c) for c in task.classnames] == _prompts(templates, task.classnames)
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from safemerge.protocol import grid as paper_grid
 from safemerge.report import build_report, write_report
 
 REPO = Path(__file__).resolve().parents[1]
-from safemerge.protocol import grid as paper_grid
 
 MINI_TASKS = ["mini_shapes", "mini_digits", "mini_fashion", "mini_textures", "mini_letters", "mini_terrain"]
 
@@ -53,11 +53,16 @@ def assert_table_matches_reports(output: Path, methods: list[str]) -> None:
         row = table[method]
         assert int(row["runs"]) == len(reports) > 0
         expected = {f"{t} ACC": [r["tasks"][t]["accuracy"] for r in reports] for t in reports[0]["tasks"]}
-        expected |= {f"{t} ASR": [r["tasks"][t]["asr"] for r in reports]
-                     for t in reports[0]["tasks"] if reports[0]["tasks"][t]["asr"] is not None}
-        expected |= {"avg ACC": [r["average"]["accuracy"] for r in reports],
-                     "avg ASR": [r["average"]["asr"] for r in reports],
-                     "avg norm. ACC": [r["average"]["normalized_accuracy"] for r in reports]}
+        expected |= {
+            f"{t} ASR": [r["tasks"][t]["asr"] for r in reports]
+            for t in reports[0]["tasks"]
+            if reports[0]["tasks"][t]["asr"] is not None
+        }
+        expected |= {
+            "avg ACC": [r["average"]["accuracy"] for r in reports],
+            "avg ASR": [r["average"]["asr"] for r in reports],
+            "avg norm. ACC": [r["average"]["normalized_accuracy"] for r in reports],
+        }
         for column, values in expected.items():
             mean, std = mean_std(values)
             shown = cell(row[column])
@@ -73,8 +78,12 @@ def _report(method: str, seed: int) -> dict:
         accuracy = 0.5 + 0.05 * i + 0.013 * seed * (i + 1) + (0.1 if method == "dam_task_arithmetic" else 0.0)
         attacked = task == "mini_letters"
         asr = 0.9 - 0.2 * seed - 0.31 * (method != "task_arithmetic")
-        results[task] = {"accuracy": accuracy, "asr": asr if attacked else None,
-                         "target_rate": 0.1 if attacked else None, "expert_accuracy": 0.9 - 0.01 * i}
+        results[task] = {
+            "accuracy": accuracy,
+            "asr": asr if attacked else None,
+            "target_rate": 0.1 if attacked else None,
+            "expert_accuracy": 0.9 - 0.01 * i,
+        }
     return build_report(method, results, config={"seed": seed}, runtime_s=1.0)
 
 
@@ -88,9 +97,30 @@ def test_the_grid_tabulates_its_runs_reports_mean_and_std_over_seeds(tmp_path, c
     for method in methods:
         for seed in paper_grid.seeds_of([paper_grid.PAPER / "methods" / f"{method}.yaml"], [0, 1, 2]):
             write_report(output / method / f"seed{seed}", _report(method, seed))
-    paper_grid.main(["--experts", str(tmp_path / "experts"), "--model", "MiniCLIP-ViT", "--pretrained", "mini2",
-                     "--pool", "mini", "--attack", "badnets", "--adversary", "mini_letters", "--methods", *methods,
-                     "--seeds", "0", "1", "2", "--output", str(tmp_path / "out")])
+    paper_grid.main(
+        [
+            "--experts",
+            str(tmp_path / "experts"),
+            "--model",
+            "MiniCLIP-ViT",
+            "--pretrained",
+            "mini2",
+            "--pool",
+            "mini",
+            "--attack",
+            "badnets",
+            "--adversary",
+            "mini_letters",
+            "--methods",
+            *methods,
+            "--seeds",
+            "0",
+            "1",
+            "2",
+            "--output",
+            str(tmp_path / "out"),
+        ]
+    )
     assert "table:" in capsys.readouterr().out
     assert_table_matches_reports(output, methods)
     table = read_table((output / "comparison.md").read_text())
@@ -98,10 +128,16 @@ def test_the_grid_tabulates_its_runs_reports_mean_and_std_over_seeds(tmp_path, c
     assert cell(table["adamerging"]["mini_letters ASR"])[1] > 10  # the seeds' spread is shown, not hidden
 
 
-TWO_STEPS_FINETUNE = ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.logger=false",
-                      "--trainer.enable_checkpointing=false",
-                      "--trainer.enable_progress_bar=false", "--data.init_args.batch_size=16", "--trainer.precision=32",
-                      "--data.init_args.num_workers=0"]
+TWO_STEPS_FINETUNE = [
+    "--trainer.max_steps=2",
+    "--trainer.val_check_interval=2",
+    "--trainer.logger=false",
+    "--trainer.enable_checkpointing=false",
+    "--trainer.enable_progress_bar=false",
+    "--data.init_args.batch_size=16",
+    "--trainer.precision=32",
+    "--data.init_args.num_workers=0",
+]
 
 
 @pytest.mark.slow  # fine-tunes seven experts and merges: minutes on 2 cores
@@ -109,16 +145,40 @@ def test_paper_grid_runs_end_to_end_on_the_mini_pool_and_tabulates_its_reports(t
     """The same code path as the paper grid, on the mini pool: fine-tune six experts and a
     backdoored one (few steps), merge with DAM (two steps), write the table and plot; the
     table's numbers are the report's."""
-    command = [sys.executable, str(REPO / "scripts" / "paper_grid.py"), "--experts", str(tmp_path / "experts"),
-               "--model", "MiniCLIP-ViT", "--pretrained", "mini2", "--pool", "mini", "--attack", "badnets",
-               "--adversary", "mini_letters", "--methods", "dam_task_arithmetic", "--seeds", "0",
-               "--output", str(tmp_path / "out"), "--finetune-args", " ".join(TWO_STEPS_FINETUNE),
-               "--merge-args", ("--model.init_args.method.init_args.steps=2 --trainer.precision=32 "
-                                "--trainer.logger=false --data.init_args.num_workers=0")]
+    command = [
+        sys.executable,
+        str(REPO / "scripts" / "paper_grid.py"),
+        "--experts",
+        str(tmp_path / "experts"),
+        "--model",
+        "MiniCLIP-ViT",
+        "--pretrained",
+        "mini2",
+        "--pool",
+        "mini",
+        "--attack",
+        "badnets",
+        "--adversary",
+        "mini_letters",
+        "--methods",
+        "dam_task_arithmetic",
+        "--seeds",
+        "0",
+        "--output",
+        str(tmp_path / "out"),
+        "--finetune-args",
+        " ".join(TWO_STEPS_FINETUNE),
+        "--merge-args",
+        (
+            "--model.init_args.method.init_args.steps=2 --trainer.precision=32 "
+            "--trainer.logger=false --data.init_args.num_workers=0"
+        ),
+    ]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stderr[-4000:]
     out = tmp_path / "out" / "MiniCLIP-ViT" / "mini" / "badnets"  # <model>/<pool>/<attack>
     assert (out / "asr_vs_accuracy.png").is_file()
     assert_table_matches_reports(out, ["dam_task_arithmetic"])
     assert sorted(p.name for p in (tmp_path / "experts" / "MiniCLIP-ViT").iterdir()) == sorted(
-        [*MINI_TASKS, "mini_letters-badnets"])
+        [*MINI_TASKS, "mini_letters-badnets"]
+    )

@@ -18,8 +18,14 @@ def test_tensor_pickles_and_safetensors_load(tmp_path):
 
 
 def _expert(tmp_path):
-    info = expert_info(model="TinyCLIP-ViT-32", pretrained=None, task="digits", num_classes=10,
-                       backdoor=None, metrics={"accuracy": 0.9, "asr": None})
+    info = expert_info(
+        model="TinyCLIP-ViT-32",
+        pretrained=None,
+        task="digits",
+        num_classes=10,
+        backdoor=None,
+        metrics={"accuracy": 0.9, "asr": None},
+    )
     return write_expert(tmp_path / "expert", Expert(encoder={"w": torch.ones(3)}, info=info))
 
 

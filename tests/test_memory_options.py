@@ -43,7 +43,8 @@ def test_bf16_task_vectors_merge_the_same_weights_within_bf16_tolerance(tower_an
     half = MergedEncoder(tower, experts, vector_dtype=torch.bfloat16)
     assert half.vectors(0).dtype == torch.bfloat16
     assert sum(half.vectors(i).nbytes for i in range(half.num_tensors)) * 2 == sum(
-        full.vectors(i).nbytes for i in range(full.num_tensors))
+        full.vectors(i).nbytes for i in range(full.num_tensors)
+    )
     images = torch.rand(4, 3, 32, 32)
     w_full, f_full, g_full = _step(full, images)
     w_half, f_half, g_half = _step(half, images)

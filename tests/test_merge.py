@@ -36,10 +36,14 @@ def _no_pytest_argv(monkeypatch):
 def pool() -> list[str]:
     """A quick real pool on the mini model: a clean colour expert, a shape expert with an
     optimized patch, and a digit expert whose BadNets backdoor targets the *colour* task."""
-    optimized = {"class_path": "safemerge.attacks.OptimizedPatch",
-                 "init_args": {"target_class": 0, "poison_rate": 0.2, "size": 0.125, "steps": 5}}
-    off_task = {"class_path": "safemerge.attacks.BadNets",
-                "init_args": {"target_class": 1, "target_task": "mini_shapes", "poison_rate": 0.2, "size": 0.125}}
+    optimized = {
+        "class_path": "safemerge.attacks.OptimizedPatch",
+        "init_args": {"target_class": 0, "poison_rate": 0.2, "size": 0.125, "steps": 5},
+    }
+    off_task = {
+        "class_path": "safemerge.attacks.BadNets",
+        "init_args": {"target_class": 1, "target_task": "mini_shapes", "poison_rate": 0.2, "size": 0.125},
+    }
     specs = [
         ExpertSpec("mini_shapes", MINI_MODEL, MINI_WEIGHTS, **QUICK),
         ExpertSpec("mini_terrain", MINI_MODEL, MINI_WEIGHTS, attack=optimized, **QUICK),
@@ -63,8 +67,19 @@ def _short(config: Path) -> list[str]:
 def test_every_method_merges_through_the_cli_and_writes_the_report(config, pool, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
-    main(["fit", "--config", str(BASE), "--config", str(config), *QUIET, _experts_arg(pool), *_short(config),
-          f"--model.init_args.output_dir={out}"])
+    main(
+        [
+            "fit",
+            "--config",
+            str(BASE),
+            "--config",
+            str(config),
+            *QUIET,
+            _experts_arg(pool),
+            *_short(config),
+            f"--model.init_args.output_dir={out}",
+        ]
+    )
     report = json.loads((out / "report.json").read_text())
     assert report["format"] == "safemerge-report/1" and report["method"] == config.stem
     assert list(report["tasks"]) == ["mini_shapes", "mini_terrain", "mini_letters"]
@@ -76,10 +91,14 @@ def test_every_method_merges_through_the_cli_and_writes_the_report(config, pool,
     assert report["tasks"]["mini_letters"]["asr"] is None
     assert [b["target_task"] for b in report["backdoors"]] == ["mini_terrain", "mini_shapes"]
     assert report["average"]["accuracy"] == pytest.approx(sum(r["accuracy"] for r in report["tasks"].values()) / 3)
-    assert report["average"]["asr"] == pytest.approx((report["tasks"]["mini_terrain"]["asr"] + report["tasks"]["mini_shapes"]["asr"]) / 2)
+    assert report["average"]["asr"] == pytest.approx(
+        (report["tasks"]["mini_terrain"]["asr"] + report["tasks"]["mini_shapes"]["asr"]) / 2
+    )
     assert "| **average** |" in (out / "report.md").read_text()
     merged = read_expert(out / "merged")
-    assert merged.info["tasks"] == ["mini_shapes", "mini_terrain", "mini_letters"] and merged.info["method"] == config.stem
+    assert (
+        merged.info["tasks"] == ["mini_shapes", "mini_terrain", "mini_letters"] and merged.info["method"] == config.stem
+    )
     learned = config.stem not in ("weight_average", "task_arithmetic", "ties")
     assert (out / "learned.safetensors").is_file() == learned
     assert report["defense"] is None and report["config"]["defense"] is None
@@ -99,9 +118,19 @@ def test_the_cli_resolves_mini_references_into_directories_before_building_the_m
     monkeypatch.setattr(experts_module, "ensure_expert", cached)
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
-    main(["fit", "--config", str(BASE), "--config", str(REPO / "configs" / "merge" / "task_arithmetic.yaml"), *QUIET,
-          "--model.init_args.experts=[mini:mini_shapes,mini:mini_terrain:backdoored]", "--data.init_args.eval_batch_size=250",
-          f"--model.init_args.output_dir={out}"])
+    main(
+        [
+            "fit",
+            "--config",
+            str(BASE),
+            "--config",
+            str(REPO / "configs" / "merge" / "task_arithmetic.yaml"),
+            *QUIET,
+            "--model.init_args.experts=[mini:mini_shapes,mini:mini_terrain:backdoored]",
+            "--data.init_args.eval_batch_size=250",
+            f"--model.init_args.output_dir={out}",
+        ]
+    )
     steps = MINI_RECIPE["max_steps"]
     assert requested == [("mini_shapes", False, steps), ("mini_terrain", True, steps)]
     report = json.loads((out / "report.json").read_text())
@@ -118,8 +147,12 @@ def test_the_main_job_is_the_base_composed_with_adamerging_and_sau_on_expert_lab
     """configs/merge.yaml runs on its own; it is the same merge as base + adamerging + sau +
     expert_labels + one_attack_step."""
     main_job = _printed_config(capsys, REPO / "configs" / "merge.yaml")
-    composed = _printed_config(capsys, BASE, REPO / "configs" / "merge" / "adamerging.yaml",
-                               *(REPO / "configs" / "defense" / f"{name}.yaml" for name in ("sau", "expert_labels", "one_attack_step")))
+    composed = _printed_config(
+        capsys,
+        BASE,
+        REPO / "configs" / "merge" / "adamerging.yaml",
+        *(REPO / "configs" / "defense" / f"{name}.yaml" for name in ("sau", "expert_labels", "one_attack_step")),
+    )
     composed["model"]["init_args"]["output_dir"] = main_job["model"]["init_args"]["output_dir"]
     assert main_job["model"] == composed["model"] and main_job["data"] == composed["data"]
     assert main_job["model"]["init_args"]["defense"]["class_path"] == "safemerge.defenses.SAU"
@@ -142,12 +175,28 @@ def defended(pool, tmp_path_factory) -> Path:
 
 
 def _defended_fit(pool, out: Path) -> None:
-    main(["fit", "--config", str(BASE), "--config", str(REPO / "configs" / "merge" / "dam_task_arithmetic.yaml"),
-          "--config", str(REPO / "configs" / "dam" / "patch_trigger.yaml"), "--config", str(REPO / "configs" / "defense" / "awm.yaml"),
-          *QUIET, _experts_arg(pool), "--model.init_args.method.init_args.steps=2",
-          "--model.init_args.method.init_args.attribution=cap", "--model.init_args.defense.init_args.steps=2",
-          "--trainer.val_check_interval=null", "--data.init_args.eval_batch_size=250", f"--model.init_args.output_dir={out}",
-          f"--trainer.default_root_dir={out.parent}"])
+    main(
+        [
+            "fit",
+            "--config",
+            str(BASE),
+            "--config",
+            str(REPO / "configs" / "merge" / "dam_task_arithmetic.yaml"),
+            "--config",
+            str(REPO / "configs" / "dam" / "patch_trigger.yaml"),
+            "--config",
+            str(REPO / "configs" / "defense" / "awm.yaml"),
+            *QUIET,
+            _experts_arg(pool),
+            "--model.init_args.method.init_args.steps=2",
+            "--model.init_args.method.init_args.attribution=cap",
+            "--model.init_args.defense.init_args.steps=2",
+            "--trainer.val_check_interval=null",
+            "--data.init_args.eval_batch_size=250",
+            f"--model.init_args.output_dir={out}",
+            f"--trainer.default_root_dir={out.parent}",
+        ]
+    )
 
 
 def test_a_defence_is_applied_on_top_of_the_method_and_recorded(defended, pool):
@@ -157,7 +206,9 @@ def test_a_defence_is_applied_on_top_of_the_method_and_recorded(defended, pool):
     assert report["config"]["adaptation_steps"] == 4  # 2 DAM steps, then 2 AWM steps
     assert "Defence: awm (" in (defended / "report.md").read_text()
     attribution = report["attribution"]
-    assert set(attribution["drop"]) == {"mini_shapes", "mini_terrain", "mini_letters"} and attribution["action"] == "cap"
+    assert (
+        set(attribution["drop"]) == {"mini_shapes", "mini_terrain", "mini_letters"} and attribution["action"] == "cap"
+    )
     assert attribution["expert"] in pool
     learned = load_tensors(defended / "learned.safetensors")
     mask = learned["defense_parts.masked_update.mask.0"]
@@ -168,7 +219,9 @@ def test_a_defence_is_applied_on_top_of_the_method_and_recorded(defended, pool):
 def _classifier(weights: dict, tasks: list[str]) -> ImageClassifier:
     clip = load_clip(MINI_MODEL, MINI_WEIGHTS)
     clip.visual.load_state_dict(weights)
-    return ImageClassifier(clip.visual, cached_task_heads(clip, [get_task(t) for t in tasks]), clip.mean, clip.std).eval()
+    return ImageClassifier(
+        clip.visual, cached_task_heads(clip, [get_task(t) for t in tasks]), clip.mean, clip.std
+    ).eval()
 
 
 @torch.no_grad()
@@ -204,21 +257,40 @@ def test_report_asr_and_expert_accuracy_equal_a_recomputation_from_the_files(def
             checked += 1
         own = _classifier(expert.encoder, [expert.task])
         predicted, labels = _predictions(own, expert.task)
-        assert report["tasks"][expert.task]["expert_accuracy"] == pytest.approx(float((predicted == labels).float().mean()), abs=1e-6)
+        assert report["tasks"][expert.task]["expert_accuracy"] == pytest.approx(
+            float((predicted == labels).float().mean()), abs=1e-6
+        )
         predicted, labels = _predictions(merged, expert.task)
-        assert report["tasks"][expert.task]["accuracy"] == pytest.approx(float((predicted == labels).float().mean()), abs=1e-6)
+        assert report["tasks"][expert.task]["accuracy"] == pytest.approx(
+            float((predicted == labels).float().mean()), abs=1e-6
+        )
     assert checked == 2
     assert {b["target_task"] for b in report["backdoors"]} == {"mini_terrain", "mini_shapes"}  # on-task and off-task
 
 
 BAD_DEFENCES = {
-    "no adaptation data": (["--config", str(REPO / "configs" / "defense" / "sau.yaml"), "--data.init_args.adaptation_limit=0"],
-                           "task mini_shapes has no adaptation images"),
-    "patch larger than the image": (["--config", str(REPO / "configs" / "merge" / "dam_task_arithmetic.yaml"),
-                                     "--config", str(REPO / "configs" / "dam" / "patch_trigger.yaml"),
-                                     "--model.init_args.method.init_args.patch_size=64"], "patch_size 64 is larger than the image"),
-    "negative area penalty": (["--config", str(REPO / "configs" / "merge" / "dam_task_arithmetic.yaml"),
-                               "--model.init_args.method.init_args.area_weight=-0.1"], "area_weight .* must be >= 0"),
+    "no adaptation data": (
+        ["--config", str(REPO / "configs" / "defense" / "sau.yaml"), "--data.init_args.adaptation_limit=0"],
+        "task mini_shapes has no adaptation images",
+    ),
+    "patch larger than the image": (
+        [
+            "--config",
+            str(REPO / "configs" / "merge" / "dam_task_arithmetic.yaml"),
+            "--config",
+            str(REPO / "configs" / "dam" / "patch_trigger.yaml"),
+            "--model.init_args.method.init_args.patch_size=64",
+        ],
+        "patch_size 64 is larger than the image",
+    ),
+    "negative area penalty": (
+        [
+            "--config",
+            str(REPO / "configs" / "merge" / "dam_task_arithmetic.yaml"),
+            "--model.init_args.method.init_args.area_weight=-0.1",
+        ],
+        "area_weight .* must be >= 0",
+    ),
 }
 
 
@@ -234,7 +306,9 @@ def test_bad_defence_inputs_are_one_line_errors_that_write_nothing(args, message
     assert list(tmp_path.iterdir()) == []
 
 
-def test_expert_paths_may_use_environment_variables_and_an_unset_one_is_a_one_line_error(pool, tmp_path, monkeypatch, capsys):
+def test_expert_paths_may_use_environment_variables_and_an_unset_one_is_a_one_line_error(
+    pool, tmp_path, monkeypatch, capsys
+):
     """As the paper configs do (``$SAFEMERGE_EXPERTS/gtsrb``): the CLI expands the variables
     before the module reads the experts; an unset one is named, and nothing is written."""
     monkeypatch.chdir(tmp_path)
@@ -250,8 +324,17 @@ def test_expert_paths_may_use_environment_variables_and_an_unset_one_is_a_one_li
     assert list(tmp_path.iterdir()) == []
 
     monkeypatch.setenv("SAFEMERGE_EXPERTS", str(parent))
-    main(["fit", "--config", str(BASE), *QUIET, experts, "--trainer.limit_test_batches=1",
-          f"--model.init_args.output_dir={tmp_path / 'out'}"])
+    main(
+        [
+            "fit",
+            "--config",
+            str(BASE),
+            *QUIET,
+            experts,
+            "--trainer.limit_test_batches=1",
+            f"--model.init_args.output_dir={tmp_path / 'out'}",
+        ]
+    )
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["config"]["experts"] == pool[:2] and list(report["tasks"]) == ["mini_shapes", "mini_terrain"]
 
@@ -277,7 +360,9 @@ def test_merged_tower_gives_the_logits_of_a_plain_tower_loaded_with_the_exported
     optimizers = learner.make_optimizers()
     generator = torch.Generator().manual_seed(0)
     for step in range(3):
-        learner.training_step(step, {t: torch.rand(4, 3, 32, 32, generator=generator) for t in module.task_names}, optimizers)
+        learner.training_step(
+            step, {t: torch.rand(4, 3, 32, 32, generator=generator) for t in module.task_names}, optimizers
+        )
     weights = module.merged_weights()
     clip = load_clip(MINI_MODEL, MINI_WEIGHTS)
     clip.visual.load_state_dict(weights)
@@ -290,7 +375,9 @@ def test_merged_tower_gives_the_logits_of_a_plain_tower_loaded_with_the_exported
 
 
 def test_adaptation_batches_are_sharded_so_processes_see_the_single_process_batch():
-    data = {"a": torch.utils.data.TensorDataset(torch.arange(10.0).view(10, 1, 1, 1).expand(10, 3, 1, 1), torch.zeros(10))}
+    data = {
+        "a": torch.utils.data.TensorDataset(torch.arange(10.0).view(10, 1, 1, 1).expand(10, 3, 1, 1), torch.zeros(10))
+    }
     single = list(AdaptationStream(data, batch_size=4, steps=5, seed=1))
     shards = [list(AdaptationStream(data, batch_size=4, steps=5, seed=1, rank=r, world_size=2)) for r in (0, 1)]
     assert len(single) == 5
@@ -307,7 +394,10 @@ def test_adaptation_batches_are_sharded_so_processes_see_the_single_process_batc
 
 
 def test_a_resumed_adaptation_stream_continues_with_the_batches_of_an_uninterrupted_one():
-    data = {t: torch.utils.data.TensorDataset(torch.arange(10.0).view(10, 1, 1, 1) + i, torch.zeros(10)) for i, t in enumerate("ab")}
+    data = {
+        t: torch.utils.data.TensorDataset(torch.arange(10.0).view(10, 1, 1, 1) + i, torch.zeros(10))
+        for i, t in enumerate("ab")
+    }
     whole = list(AdaptationStream(data, batch_size=4, steps=7, seed=1))
     for workers in (0, 2):
         resumed = AdaptationStream(data, batch_size=4, steps=7, seed=1, start=3)
@@ -337,8 +427,16 @@ def _copy_expert(source: str, target: Path, *, info=None, tensor=None) -> str:
 
 
 BAD_POOLS = {
-    "another architecture": ({"model": "TinyCLIP-ViT-32"}, None, "different pretrained models: .*bad' from TinyCLIP-ViT-32 \\(mini2\\)"),
-    "another pretrained base": ({"pretrained": "openai"}, None, "different pretrained models: .*bad' from MiniCLIP-ViT \\(openai\\)"),
+    "another architecture": (
+        {"model": "TinyCLIP-ViT-32"},
+        None,
+        "different pretrained models: .*bad' from TinyCLIP-ViT-32 \\(mini2\\)",
+    ),
+    "another pretrained base": (
+        {"pretrained": "openai"},
+        None,
+        "different pretrained models: .*bad' from MiniCLIP-ViT \\(openai\\)",
+    ),
     "non-finite weights": (None, "conv1.weight", "tensor 'conv1.weight' has 1 non-finite values"),
     "unknown task": ({"task": "mini_nope"}, None, "unknown task 'mini_nope'"),
     "duplicate task": ({}, None, "are both for task mini_shapes"),
@@ -346,14 +444,26 @@ BAD_POOLS = {
 
 
 @pytest.mark.parametrize("info, tensor, message", BAD_POOLS.values(), ids=BAD_POOLS.keys())
-def test_bad_expert_pools_are_clear_errors_naming_the_expert(info, tensor, message, pool, tmp_path, monkeypatch, capsys):
+def test_bad_expert_pools_are_clear_errors_naming_the_expert(
+    info, tensor, message, pool, tmp_path, monkeypatch, capsys
+):
     monkeypatch.chdir(tmp_path)
     duplicate = info == {}
     bad = _copy_expert(pool[0 if duplicate else 1], tmp_path / "experts" / "bad", info=info, tensor=tensor)
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(BASE), "--config", str(REPO / "configs" / "merge" / "task_arithmetic.yaml"), *QUIET,
-              _experts_arg([pool[0], bad] if duplicate else [pool[0], bad, pool[2]]), f"--model.init_args.output_dir={out}"])
+        main(
+            [
+                "fit",
+                "--config",
+                str(BASE),
+                "--config",
+                str(REPO / "configs" / "merge" / "task_arithmetic.yaml"),
+                *QUIET,
+                _experts_arg([pool[0], bad] if duplicate else [pool[0], bad, pool[2]]),
+                f"--model.init_args.output_dir={out}",
+            ]
+        )
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err
@@ -362,17 +472,34 @@ def test_bad_expert_pools_are_clear_errors_naming_the_expert(info, tensor, messa
     assert not out.exists()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--model.init_args.experts=[mini:mini_nope]"], "unknown mini expert 'mini:mini_nope'"),
-    (["--model.init_args.experts=[mini:mini_shapes:backdoored]"], "no .backdoored. expert for mini_shapes"),
-    (["--model.init_args.experts=[]"], "no experts to merge"),
-    (["--model.init_args.pretrained=openai"], "fine-tuned from MiniCLIP-ViT \\(mini2\\), but the base is MiniCLIP-ViT \\(openai\\)"),
-], ids=["unknown mini expert", "no such backdoored mini expert", "empty pool", "base of another pretraining"])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model.init_args.experts=[mini:mini_nope]"], "unknown mini expert 'mini:mini_nope'"),
+        (["--model.init_args.experts=[mini:mini_shapes:backdoored]"], "no .backdoored. expert for mini_shapes"),
+        (["--model.init_args.experts=[]"], "no experts to merge"),
+        (
+            ["--model.init_args.pretrained=openai"],
+            "fine-tuned from MiniCLIP-ViT \\(mini2\\), but the base is MiniCLIP-ViT \\(openai\\)",
+        ),
+    ],
+    ids=["unknown mini expert", "no such backdoored mini expert", "empty pool", "base of another pretraining"],
+)
 def test_bad_expert_references_are_clear_errors(args, message, pool, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(BASE), "--config", str(REPO / "configs" / "merge" / "task_arithmetic.yaml"), *QUIET,
-              _experts_arg(pool), *args])
+        main(
+            [
+                "fit",
+                "--config",
+                str(BASE),
+                "--config",
+                str(REPO / "configs" / "merge" / "task_arithmetic.yaml"),
+                *QUIET,
+                _experts_arg(pool),
+                *args,
+            ]
+        )
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and __import__("re").search(message, err), err
@@ -386,19 +513,40 @@ def _merge_command(pool, out: Path, *extra: str, launcher=(sys.executable,)) -> 
     """A small learned merge in a fresh process: DAM over AdaMerging (3 mask steps, 2 λ steps)
     with AWM (2 steps) on top, 4 images per task per step."""
     return [
-        *launcher, str(REPO / "trainer.py"), "fit", "--config", str(BASE),
-        "--config", str(REPO / "configs" / "merge" / "dam_adamerging.yaml"), "--config", str(REPO / "configs" / "defense" / "awm.yaml"),
+        *launcher,
+        str(REPO / "trainer.py"),
+        "fit",
+        "--config",
+        str(BASE),
+        "--config",
+        str(REPO / "configs" / "merge" / "dam_adamerging.yaml"),
+        "--config",
+        str(REPO / "configs" / "defense" / "awm.yaml"),
         "--model.init_args.defense.init_args.steps=2",
-        *QUIET, _experts_arg(pool), "--trainer.accelerator=cpu", "--trainer.val_check_interval=null",
-        "--trainer.limit_val_batches=0", "--model.init_args.method.init_args.steps=3",
-        "--model.init_args.method.init_args.adamerging_steps=2", "--model.init_args.method.init_args.perturbation_lr=0.01",
-        "--data.init_args.batch_size=4", f"--model.init_args.output_dir={out}", f"--trainer.default_root_dir={out}", *extra,
+        *QUIET,
+        _experts_arg(pool),
+        "--trainer.accelerator=cpu",
+        "--trainer.val_check_interval=null",
+        "--trainer.limit_val_batches=0",
+        "--model.init_args.method.init_args.steps=3",
+        "--model.init_args.method.init_args.adamerging_steps=2",
+        "--model.init_args.method.init_args.perturbation_lr=0.01",
+        "--data.init_args.batch_size=4",
+        f"--model.init_args.output_dir={out}",
+        f"--trainer.default_root_dir={out}",
+        *extra,
     ]
 
 
 def _fit(pool, out: Path, *extra: str, launcher=(sys.executable,), env=None) -> dict[str, torch.Tensor]:
-    result = subprocess.run(_merge_command(pool, out, *extra, launcher=launcher), capture_output=True, text=True,
-                            timeout=900, cwd=out.parent, env=env)
+    result = subprocess.run(
+        _merge_command(pool, out, *extra, launcher=launcher),
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=out.parent,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return load_tensors(out / "learned.safetensors")
 
@@ -413,15 +561,22 @@ def test_ddp_learns_the_same_coefficients_and_mask_as_a_single_process(pool, tmp
     single = _fit(pool, tmp_path / "single", *expert_labels)
     ddp = _fit(pool, tmp_path / "ddp", "--trainer.strategy=ddp", "--trainer.devices=2", *expert_labels)
     assert single.keys() == ddp.keys()
-    learned = ["coefficients", "mask.logits.0", "perturbation.deltas.0", "defense_parts.masked_update.mask.0",
-               "defense_parts.trigger.deltas.0"]
+    learned = [
+        "coefficients",
+        "mask.logits.0",
+        "perturbation.deltas.0",
+        "defense_parts.masked_update.mask.0",
+        "defense_parts.trigger.deltas.0",
+    ]
     assert set(learned) <= single.keys()
     # everything learned moved from its initial value (mask logits 0, δ 0, defence mask 1)
     assert not torch.equal(single["mask.logits.0"], torch.zeros_like(single["mask.logits.0"]))
     assert not torch.equal(single["perturbation.deltas.0"], torch.zeros_like(single["perturbation.deltas.0"]))
     defense_mask = single["defense_parts.masked_update.mask.0"]
     assert not torch.equal(defense_mask, torch.ones_like(defense_mask))
-    assert not torch.equal(single["defense_parts.trigger.deltas.0"], torch.zeros_like(single["defense_parts.trigger.deltas.0"]))
+    assert not torch.equal(
+        single["defense_parts.trigger.deltas.0"], torch.zeros_like(single["defense_parts.trigger.deltas.0"])
+    )
     for name in single:
         # Float sums in another order; Adam divides by √v, which magnifies them where a
         # gradient is tiny (a few δ pixels on the black backgrounds of digits and fashion moved
@@ -443,9 +598,15 @@ def test_torchrun_processes_learn_what_one_process_learns_and_write_one_wandb_ru
     launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", "2")
     wandb_dir = tmp_path / "wandb-logs"
     ddp = _fit(
-        pool, tmp_path / "torchrun", "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.num_nodes=1",
-        "--trainer.logger=lightning.pytorch.loggers.WandbLogger", f"--trainer.logger.init_args.save_dir={wandb_dir}",
-        "--trainer.logger.init_args.project=safemerge-test", launcher=launcher,
+        pool,
+        tmp_path / "torchrun",
+        "--trainer.strategy=ddp",
+        "--trainer.devices=2",
+        "--trainer.num_nodes=1",
+        "--trainer.logger=lightning.pytorch.loggers.WandbLogger",
+        f"--trainer.logger.init_args.save_dir={wandb_dir}",
+        "--trainer.logger.init_args.project=safemerge-test",
+        launcher=launcher,
         env={**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"},
     )
     for name in single:
@@ -478,8 +639,14 @@ STOP = '--trainer.callbacks+={{"class_path": "interrupt.SignalAfter", "init_args
 
 def _run(pool, out: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**__import__("os").environ, "PYTHONPATH": str(REPO / "tests")}  # for interrupt.SignalAfter
-    return subprocess.run(_merge_command(pool, out, *QUICK_TEST, *extra), capture_output=True, text=True, timeout=900,
-                          cwd=out.parent, env=env)
+    return subprocess.run(
+        _merge_command(pool, out, *QUICK_TEST, *extra),
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=out.parent,
+        env=env,
+    )
 
 
 def _outcome(out: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -496,18 +663,25 @@ def uninterrupted(pool, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("signal, steps, every, resumed_at", [
-    ("SIGTERM", 6, 100, 6),  # in AWM: λ, mask, δ, the attribution's cap and the defence's Δ are all under way
-    ("SIGKILL", 5, 2, 4),  # no chance to save: the periodic checkpoint of step 4 (in AdaMerging)
-], ids=["sigterm-in-the-defence", "killed-after-a-periodic-checkpoint"])
+@pytest.mark.parametrize(
+    "signal, steps, every, resumed_at",
+    [
+        ("SIGTERM", 6, 100, 6),  # in AWM: λ, mask, δ, the attribution's cap and the defence's Δ are all under way
+        ("SIGKILL", 5, 2, 4),  # no chance to save: the periodic checkpoint of step 4 (in AdaMerging)
+    ],
+    ids=["sigterm-in-the-defence", "killed-after-a-periodic-checkpoint"],
+)
 def test_an_interrupted_merge_resumes_with_ckpt_path_last_to_the_uninterrupted_result(
-        signal, steps, every, resumed_at, pool, uninterrupted, tmp_path):
+    signal, steps, every, resumed_at, pool, uninterrupted, tmp_path
+):
     """7 steps (3 DAM mask steps, 2 AdaMerging steps, 2 AWM steps), interrupted after ``steps``,
     then ``--ckpt_path last``: every learned tensor and the report equal an uninterrupted run's.
     The resumed steps need the optimizers' moments, the stream's position, the attribution's
     edit of the task vectors and the defence's Δ restored: without any of them this fails."""
     out = tmp_path / "out"
-    interrupted = _run(pool, out, f"--model.init_args.checkpoint_every={every}", STOP.format(steps=steps, signal=signal))
+    interrupted = _run(
+        pool, out, f"--model.init_args.checkpoint_every={every}", STOP.format(steps=steps, signal=signal)
+    )
     checkpoint = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["safemerge"]["completed_steps"] == resumed_at, interrupted.stderr[-4000:]
     assert not (out / "report.json").exists() and not (out / "learned.safetensors").exists()
@@ -516,7 +690,9 @@ def test_an_interrupted_merge_resumes_with_ckpt_path_last_to_the_uninterrupted_r
         assert "received SIGTERM after 6 of 7 adaptation steps" in interrupted.stderr
         assert "--ckpt_path last" in interrupted.stderr and "Traceback" not in interrupted.stderr
     # only the trainable state: no frozen task vector, no base weight
-    assert not any(k.startswith(("encoder.", "learner.encoder.", "clip.", "classifier.")) for k in checkpoint["state_dict"])
+    assert not any(
+        k.startswith(("encoder.", "learner.encoder.", "clip.", "classifier.")) for k in checkpoint["state_dict"]
+    )
 
     resumed = _run(pool, out, f"--model.init_args.checkpoint_every={every}", "--ckpt_path=last")
     assert resumed.returncode == 0, resumed.stderr[-4000:]
@@ -543,22 +719,42 @@ def _drop_tensor(checkpoint: dict, path: Path) -> None:
 
 
 BAD_RESUMES = {
-    "no checkpoint": (None, [], "--ckpt_path last: there is no checkpoint to resume in .*checkpoints .*run without --ckpt_path"),
-    "another method": ("copy", ["--model.init_args.method.init_args.steps=4"],
-                       "another method: steps 3 in the checkpoint, 4 in this run; resume with the method it was written with"),
-    "another defence": ("copy", ["--model.init_args.defense=null"], "another defense: awm in the checkpoint, None in this run"),
+    "no checkpoint": (
+        None,
+        [],
+        "--ckpt_path last: there is no checkpoint to resume in .*checkpoints .*run without --ckpt_path",
+    ),
+    "another method": (
+        "copy",
+        ["--model.init_args.method.init_args.steps=4"],
+        "another method: steps 3 in the checkpoint, 4 in this run; resume with the method it was written with",
+    ),
+    "another defence": (
+        "copy",
+        ["--model.init_args.defense=null"],
+        "another defense: awm in the checkpoint, None in this run",
+    ),
     "another pool": ("copy", ["pool[:2]"], "another pool: .*resume with the same pool"),
     "another seed": ("copy", ["--seed_everything=1"], "another seed: 0, this run has 1"),
-    "learned tensor of another shape": (_tamper, [], "learned tensor 'coefficients' is \\(2, 3\\) torch.float32, this merge's is \\(3, \\d+\\)"),
+    "learned tensor of another shape": (
+        _tamper,
+        [],
+        "learned tensor 'coefficients' is \\(2, 3\\) torch.float32, this merge's is \\(3, \\d+\\)",
+    ),
     "missing learned tensor": (_drop_tensor, [], "1 missing \\(e.g. \\['mask.logits.0'\\]\\)"),
-    "a pickle that runs code": (lambda c, path: torch.save({"safemerge": _Exploit()}, path), [], "refusing to load .*last.ckpt"),
+    "a pickle that runs code": (
+        lambda c, path: torch.save({"safemerge": _Exploit()}, path),
+        [],
+        "refusing to load .*last.ckpt",
+    ),
     "a merge that learns nothing": ("copy", ["static"], "learns nothing and has nothing to resume: drop --ckpt_path"),
 }
 
 
 @pytest.mark.parametrize("make, args, message", BAD_RESUMES.values(), ids=BAD_RESUMES.keys())
-def test_bad_resumes_are_one_line_errors_that_write_nothing(make, args, message, pool, uninterrupted, tmp_path,
-                                                           monkeypatch, capsys):
+def test_bad_resumes_are_one_line_errors_that_write_nothing(
+    make, args, message, pool, uninterrupted, tmp_path, monkeypatch, capsys
+):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
     if make is not None:
@@ -569,10 +765,21 @@ def test_bad_resumes_are_one_line_errors_that_write_nothing(make, args, message,
             make(torch.load(target, weights_only=True), target)
     before = sorted(tmp_path.rglob("*"))
     experts = pool[:2] if "pool[:2]" in args else pool
-    command = _merge_command(experts, out, *(a for a in args if a not in ("pool[:2]", "static")), "--ckpt_path=last")[2:]
+    command = _merge_command(experts, out, *(a for a in args if a not in ("pool[:2]", "static")), "--ckpt_path=last")[
+        2:
+    ]
     if "static" in args:  # the same checkpoint, offered to task arithmetic
-        command = ["fit", "--config", str(BASE), "--config", str(REPO / "configs" / "merge" / "task_arithmetic.yaml"), *QUIET,
-                   _experts_arg(pool), f"--model.init_args.output_dir={out}", f"--ckpt_path={out / 'checkpoints' / 'last.ckpt'}"]
+        command = [
+            "fit",
+            "--config",
+            str(BASE),
+            "--config",
+            str(REPO / "configs" / "merge" / "task_arithmetic.yaml"),
+            *QUIET,
+            _experts_arg(pool),
+            f"--model.init_args.output_dir={out}",
+            f"--ckpt_path={out / 'checkpoints' / 'last.ckpt'}",
+        ]
     with pytest.raises(SystemExit) as exit_info:
         main(command)
     assert exit_info.value.code == 2

@@ -91,7 +91,10 @@ def _experts(tower, n=3, scale=0.1, seed=0):
     generator = torch.Generator().manual_seed(seed)
     base = tower.state_dict()
     return [
-        {k: v + scale * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v.clone() for k, v in base.items()}
+        {
+            k: v + scale * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v.clone()
+            for k, v in base.items()
+        }
         for _ in range(n)
     ]
 
@@ -251,7 +254,11 @@ def test_gradients_reach_the_coefficients_and_the_mask_and_nothing_else():
 
 def test_every_learned_method_trains_its_own_parts_deterministically():
     from safemerge.merging import (
-        AdaMerging, ConcreteAdaMerging, ConcreteTaskArithmetic, DAMAdaMerging, DAMTaskArithmetic,
+        AdaMerging,
+        ConcreteAdaMerging,
+        ConcreteTaskArithmetic,
+        DAMAdaMerging,
+        DAMTaskArithmetic,
     )
 
     methods = [
@@ -295,7 +302,9 @@ def test_final_mask_choices():
         assert torch.allclose(mask[kept], torch.full_like(mask[kept], 1 / kept.float().mean()))
         assert not mask[~kept].any()
     learner.method.final_mask = "sample"
-    assert all(torch.equal(a, b) for a, b in zip(learner.method.fixed_mask(learner), learner.method.fixed_mask(learner)))
+    assert all(
+        torch.equal(a, b) for a, b in zip(learner.method.fixed_mask(learner), learner.method.fixed_mask(learner))
+    )
     learner.method.final_mask = "expected"
     for logits, mask in zip(learner.mask.logits, learner.method.fixed_mask(learner)):
         expected = torch.sigmoid(logits)
@@ -368,7 +377,10 @@ def test_mask_samples_follow_the_concrete_formula_with_their_noise_and_temperatu
 def _ce_of_triggered(learner, weights, batch, pseudo):
     triggered = {t: learner.perturbation.apply(x, t) for t, x in batch.items()}
     with torch.no_grad():
-        return sum(float(torch.nn.functional.cross_entropy(l, pseudo[t])) for t, l in learner.logits(weights, triggered).items())
+        return sum(
+            float(torch.nn.functional.cross_entropy(l, pseudo[t]))
+            for t, l in learner.logits(weights, triggered).items()
+        )
 
 
 def _step_weights(learner, step):
@@ -377,14 +389,20 @@ def _step_weights(learner, step):
 
     samples = [m.sample(learner.generator(step)) for m in learner.method.concrete_masks(learner)]
     with torch.no_grad():
-        return learner.encoder.weights(learner.coefficients.detach(), [s.detach() for s in product(*samples)], rescale=True)
+        return learner.encoder.weights(
+            learner.coefficients.detach(), [s.detach() for s in product(*samples)], rescale=True
+        )
 
 
-@pytest.mark.parametrize("options", [
-    {"trigger": "additive", "perturbation_lr": 0.01, "perturbation_eps": 0.1},
-    {"trigger": "additive", "perturbation_space": "normalized", "perturbation_lr": 0.01},
-    {"trigger": "patch", "perturbation_lr": 0.05, "area_weight": 1e-3},
-], ids=["additive", "normalized", "patch"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"trigger": "additive", "perturbation_lr": 0.01, "perturbation_eps": 0.1},
+        {"trigger": "additive", "perturbation_space": "normalized", "perturbation_lr": 0.01},
+        {"trigger": "patch", "perturbation_lr": 0.05, "area_weight": 1e-3},
+    ],
+    ids=["additive", "normalized", "patch"],
+)
 def test_one_trigger_step_of_dam_raises_the_cross_entropy_against_the_pseudo_labels(options):
     from safemerge.merging import DAMTaskArithmetic
 
@@ -400,17 +418,20 @@ def test_one_trigger_step_of_dam_raises_the_cross_entropy_against_the_pseudo_lab
 def test_one_targeted_trigger_inversion_step_lowers_the_cross_entropy_toward_its_class():
     from safemerge.merging import DAMTaskArithmetic
 
-    learner = _learner(DAMTaskArithmetic(steps=2, trigger="patch", targeted=True, perturbation_lr=0.05, area_weight=0.0))
+    learner = _learner(
+        DAMTaskArithmetic(steps=2, trigger="patch", targeted=True, perturbation_lr=0.05, area_weight=0.0)
+    )
     batch = _batch(0)
     weights = _step_weights(learner, 0)
-    pseudo = learner.pseudo_labels(weights, batch)
 
     def cross_entropy_to(targets=None):
         with torch.no_grad():
             logits = learner.logits(weights, {t: learner.perturbation.apply(x, t) for t, x in batch.items()})
         if targets is None:  # the class the triggered images are already closest to, per task
             targets = {t: int((-torch.log_softmax(l, -1)).mean(0).argmin()) for t, l in logits.items()}
-        ce = sum(float(torch.nn.functional.cross_entropy(l, torch.full((len(l),), targets[t]))) for t, l in logits.items())
+        ce = sum(
+            float(torch.nn.functional.cross_entropy(l, torch.full((len(l),), targets[t]))) for t, l in logits.items()
+        )
         return ce, targets
 
     before, targets = cross_entropy_to()
@@ -480,7 +501,9 @@ def test_dual_masks_each_receive_only_their_own_losses_gradient():
     optimizers["mask"] = torch.optim.SGD([*learner.mask.parameters(), *learner.safety_mask.parameters()], lr=1.0)
     batch = _batch(0)
     learner.training_step(0, batch, optimizers)
-    moved = [[b - p.detach() for b, p in zip(bs, m.logits)] for bs, m in zip(before, (learner.mask, learner.safety_mask))]
+    moved = [
+        [b - p.detach() for b, p in zip(bs, m.logits)] for bs, m in zip(before, (learner.mask, learner.safety_mask))
+    ]
 
     # the same step by hand, from the logits before it and the trigger after its own update
     logits1 = [b.clone().requires_grad_() for b in before[0]]

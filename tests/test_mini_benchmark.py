@@ -8,18 +8,24 @@ from pathlib import Path
 import pytest
 
 from safemerge.data import get_task
-from safemerge.data.mini_v2 import domain_task_names
 from safemerge.data.mini_v1 import mini_task_names
+from safemerge.data.mini_v2 import domain_task_names
+from safemerge.errors import ConfigError
 from safemerge.evaluation import classifier_for, evaluate
 from safemerge.experts import MINI_BACKDOORS, MINI_MODEL, MINI_WEIGHTS, mini_backdoor, mini_pool, resolve_expert
-from safemerge.errors import ConfigError
 from safemerge.models import load_clip
 
 REPO = Path(__file__).resolve().parents[1]
 
 # Zero-shot test accuracy of the committed MiniCLIP-ViT ("mini") must clear these floors
 # (measured values are in the README; chance is 1/classes).
-ZERO_SHOT_FLOORS = {"mini_shape": 0.20, "mini_color": 0.50, "mini_count": 0.40, "mini_digit": 0.30, "mini_texture": 0.50}
+ZERO_SHOT_FLOORS = {
+    "mini_shape": 0.20,
+    "mini_color": 0.50,
+    "mini_count": 0.40,
+    "mini_digit": 0.30,
+    "mini_texture": 0.50,
+}
 
 
 def test_committed_mini_clip_loads_and_classifies_zero_shot():
@@ -51,11 +57,20 @@ def test_the_default_pool_has_one_expert_per_v2_task_and_the_three_attacks():
     assert [spec.task for spec in pool] == domain_task_names()
     attacks = {spec.task: spec.attack for spec in pool if spec.attack}
     assert attacks == MINI_BACKDOORS
-    kinds = {(a["class_path"].rsplit(".", 1)[-1], a["init_args"].get("target_task"), bool(a["init_args"].get("feature_interpolation")))
-             for a in attacks.values()}
+    kinds = {
+        (
+            a["class_path"].rsplit(".", 1)[-1],
+            a["init_args"].get("target_task"),
+            bool(a["init_args"].get("feature_interpolation")),
+        )
+        for a in attacks.values()
+    }
     assert kinds == {("OptimizedPatch", None, True), ("OptimizedPatch", "mini_digits", True), ("BadNets", None, False)}
     assert all(spec.attack is None for spec in mini_pool(backdoored=False))
-    with pytest.raises(ConfigError, match="no .backdoored. expert for mini_shapes; backdoored ones for mini_shapes: mini:mini_shapes:blended"):
+    with pytest.raises(
+        ConfigError,
+        match="no .backdoored. expert for mini_shapes; backdoored ones for mini_shapes: mini:mini_shapes:blended",
+    ):
         resolve_expert("mini:mini_shapes:backdoored")
     with pytest.raises(ConfigError, match="unknown mini expert 'mini:mini_shape'"):
         resolve_expert("mini:mini_shape")  # v1 tasks are not in the pool
@@ -73,11 +88,16 @@ def test_held_out_pools_use_other_attacks_tasks_and_targets_than_the_dev_pool():
     assert dev == MINI_BACKDOORS
     held_out = [attacks(f.name) for f in sorted((REPO / "configs/pools").glob("mini_heldout_*.yaml"))]
     assert len(held_out) == 3 and sorted(len(pool) for pool in held_out) == [1, 1, 2]
-    dev_targets = {(a["init_args"].get("target_task") or task, a["init_args"]["target_class"]) for task, a in dev.items()}
+    dev_targets = {
+        (a["init_args"].get("target_task") or task, a["init_args"]["target_class"]) for task, a in dev.items()
+    }
     for pool in held_out:
         for task, attack in pool.items():
             assert task not in dev or attack != dev[task]
-            assert (attack["init_args"].get("target_task") or task, attack["init_args"]["target_class"]) not in dev_targets
+            assert (
+                attack["init_args"].get("target_task") or task,
+                attack["init_args"]["target_class"],
+            ) not in dev_targets
     kinds = {a["class_path"].rsplit(".", 1)[-1] for pool in held_out for a in pool.values()}
     assert kinds == {"Blended", "OptimizedPatch", "BadNets"}
 
@@ -86,11 +106,20 @@ def test_held_out_pools_use_other_attacks_tasks_and_targets_than_the_dev_pool():
 def test_pretraining_runs_through_the_cli(tmp_path, config):
     output = tmp_path / "weights" / "MiniCLIP-ViT.safetensors"
     command = [
-        sys.executable, str(REPO / "trainer.py"), "fit", "--config", str(REPO / "configs/mini" / config),
-        "--trainer.max_steps=3", "--trainer.val_check_interval=3",
-        "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.init_args.save_dir={tmp_path}",
-        "--trainer.enable_progress_bar=false", "--trainer.enable_checkpointing=false",
-        "--data.init_args.batch_size=16", "--data.init_args.num_workers=0", "--data.init_args.eval_batch_size=100",
+        sys.executable,
+        str(REPO / "trainer.py"),
+        "fit",
+        "--config",
+        str(REPO / "configs/mini" / config),
+        "--trainer.max_steps=3",
+        "--trainer.val_check_interval=3",
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_checkpointing=false",
+        "--data.init_args.batch_size=16",
+        "--data.init_args.num_workers=0",
+        "--data.init_args.eval_batch_size=100",
         f"--model.init_args.output={output}",
     ]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)

@@ -46,8 +46,10 @@ def test_fashion_splits_share_no_image_and_every_drawn_garment_has_its_label(mon
     sizes = {split: sum(len(pool) for _, pool in pools[split]) for split in SPLITS}
     assert sizes == {"train": 50000, "val": 10000, "test": 10000}
     # every shipped image a split may draw, by content (the package ships the ones the splits use)
-    contents = {split: {images[i].tobytes() for images, pool in pools[split] for i in pool if int(i) in images._row}
-                for split in SPLITS}
+    contents = {
+        split: {images[i].tobytes() for images, pool in pools[split] for i in pool if int(i) in images._row}
+        for split in SPLITS
+    }
     _pairwise_disjoint(contents)
 
     for split in SPLITS:
@@ -68,7 +70,7 @@ def _assert_contains(gray: np.ndarray, item: np.ndarray) -> None:
     """The 28×28 garment (maybe mirrored, scaled in brightness) is what the 32×32 image shows."""
     best = 0.0
     for top, left in itertools.product(range(gray.shape[0] - 27), range(gray.shape[1] - 27)):
-        window = gray[top:top + 28, left:left + 28]
+        window = gray[top : top + 28, left : left + 28]
         outside = gray.sum() - window.sum()
         for candidate in (item, item[:, ::-1]):
             unclipped = window < 0.999  # the image is clipped at 1
@@ -132,5 +134,7 @@ def test_texture_splits_crop_disjoint_tiles_of_their_own_class_photo(monkeypatch
             ((texture, crop),) = crops
             assert texture == dataset.label(index), (split, index)  # a crop of its own class's photo
             top, left, side = crop
-            assert any(t <= top and top + side <= t + s and lft <= left and left + side <= lft + s
-                       for t, lft, s in tiles[split][texture]), (split, crop)  # inside one of its split's tiles
+            assert any(
+                t <= top and top + side <= t + s and lft <= left and left + side <= lft + s
+                for t, lft, s in tiles[split][texture]
+            ), (split, crop)  # inside one of its split's tiles

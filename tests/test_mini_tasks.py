@@ -32,7 +32,13 @@ from safemerge.data.registry import SPLITS, get_task, task_names
 
 NUM_CLASSES = {"mini_shape": 6, "mini_color": 8, "mini_count": 4, "mini_digit": 10, "mini_texture": 6}
 TASKS = mini_task_names()
-ATTRIBUTE = {"mini_shape": "shape", "mini_color": "colour", "mini_count": "count", "mini_digit": "digit", "mini_texture": "texture"}
+ATTRIBUTE = {
+    "mini_shape": "shape",
+    "mini_color": "colour",
+    "mini_count": "count",
+    "mini_digit": "digit",
+    "mini_texture": "texture",
+}
 
 
 def build(name: str, split: str, seed: int = 0, image_size: int = 32):
@@ -187,8 +193,10 @@ def test_object_scenes_are_well_formed():
             assert 7 <= side <= 11 and 0 <= top <= 32 - side and 0 <= left <= 32 - side
             for other_top, other_left, other_side in scene.objects[:i]:  # no overlap
                 assert (
-                    top >= other_top + other_side or other_top >= top + side
-                    or left >= other_left + other_side or other_left >= left + side
+                    top >= other_top + other_side
+                    or other_top >= top + side
+                    or left >= other_left + other_side
+                    or other_left >= left + side
                 )
 
 
@@ -250,7 +258,9 @@ def test_captions_are_varied_and_true():
 
 
 def test_mention_probabilities():
-    everything = CaptionedScenes(300, seed=1, mention=dict.fromkeys(["shape", "colour", "count", "digit", "texture"], 1.0))
+    everything = CaptionedScenes(
+        300, seed=1, mention=dict.fromkeys(["shape", "colour", "count", "digit", "texture"], 1.0)
+    )
     for index in range(300):
         scene, text = everything.describe(index)
         for attribute, values in parse(text, scene.kind).items():
@@ -262,12 +272,16 @@ def test_mention_probabilities():
         found = parse(text, scene.kind)
         named = scene.texture not in UNNAMED_IN_CAPTIONS["texture"]
         assert found["texture"] == ({scene.texture} if named else set())
-        assert not found.get("shape") and not found["colour"] and not found.get("count") and not found.get("digit"), text
+        assert not found.get("shape") and not found["colour"] and not found.get("count") and not found.get("digit"), (
+            text
+        )
 
 
 def test_unnamed_classes_never_appear_in_captions():
     """Zero-shot difficulty comes from class names the captions never use."""
-    dataset = CaptionedScenes(1500, seed=3, mention=dict.fromkeys(["shape", "colour", "count", "digit", "texture"], 1.0))
+    dataset = CaptionedScenes(
+        1500, seed=3, mention=dict.fromkeys(["shape", "colour", "count", "digit", "texture"], 1.0)
+    )
     for index in range(1500):
         scene, text = dataset.describe(index)
         for attribute, values in parse(text, scene.kind).items():

@@ -33,8 +33,11 @@ def test_zero_shot_logits_match_open_clip(clip):
     # open_clip's own recipe: class embedding [D, C] from the same templates, then
     # logit_scale * normalized image features @ classifier, on normalised pixels.
     reference = build_zero_shot_classifier(
-        clip.model, partial(clip.tokenizer, context_length=clip.context_length), CLASSNAMES,
-        [t.format for t in TEMPLATES], num_classes_per_batch=2,
+        clip.model,
+        partial(clip.tokenizer, context_length=clip.context_length),
+        CLASSNAMES,
+        [t.format for t in TEMPLATES],
+        num_classes_per_batch=2,
     )
     pixels = torch.rand(4, 3, clip.image_size, clip.image_size, generator=torch.Generator().manual_seed(1))
     mean = torch.tensor(clip.mean).view(1, 3, 1, 1)

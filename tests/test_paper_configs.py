@@ -33,12 +33,20 @@ def _no_pytest_argv(monkeypatch):
 
 
 def finetune_configs(model: str, attack: str | None) -> list[Path]:
-    return [PAPER / "finetune.yaml", PAPER / "models" / f"{model}.yaml", *([PAPER / "attacks" / f"{attack}.yaml"] if attack else [])]
+    return [
+        PAPER / "finetune.yaml",
+        PAPER / "models" / f"{model}.yaml",
+        *([PAPER / "attacks" / f"{attack}.yaml"] if attack else []),
+    ]
 
 
 def merge_configs(pool: str, method: str, large: bool = False) -> list[Path]:
-    return [PAPER / "merge.yaml", PAPER / "pools" / f"{pool}.yaml", PAPER / "methods" / f"{method}.yaml",
-            *([PAPER / "large.yaml"] if large else [])]
+    return [
+        PAPER / "merge.yaml",
+        PAPER / "pools" / f"{pool}.yaml",
+        PAPER / "methods" / f"{method}.yaml",
+        *([PAPER / "large.yaml"] if large else []),
+    ]
 
 
 def _args(configs: list[Path]) -> list[str]:
@@ -54,10 +62,15 @@ def _printed(configs: list[Path], capsys, *extra: str) -> dict:
 
 def test_every_file_of_configs_paper_is_part_of_a_tested_composition():
     used = {PAPER / "finetune.yaml", PAPER / "merge.yaml", PAPER / "large.yaml"}
-    used |= {PAPER / d / f"{n}.yaml" for d, names in (("models", MODELS), ("attacks", ATTACKS[1:]), ("pools", POOLS),
-                                                       ("methods", METHODS)) for n in names}
+    used |= {
+        PAPER / d / f"{n}.yaml"
+        for d, names in (("models", MODELS), ("attacks", ATTACKS[1:]), ("pools", POOLS), ("methods", METHODS))
+        for n in names
+    }
     assert set(PAPER.rglob("*.yaml")) == used
-    assert {p.stem for p in (REPO / "configs" / "merge").glob("*.yaml")} - {"base"} == set(METHODS)  # every method of configs/merge
+    assert {p.stem for p in (REPO / "configs" / "merge").glob("*.yaml")} - {"base"} == set(
+        METHODS
+    )  # every method of configs/merge
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -81,9 +94,11 @@ def test_finetune_compositions_parse_with_the_reference_recipe(model, attack, ca
 
 
 REFERENCE_STEPS = {  # DAM.md: 1000 layer-wise (+ 1000 AdaMerging) / 2000 task arithmetic
-    "adamerging": {"adamerging_steps": 1000}, "concrete_adamerging": {"steps": 1000, "adamerging_steps": 1000},
+    "adamerging": {"adamerging_steps": 1000},
+    "concrete_adamerging": {"steps": 1000, "adamerging_steps": 1000},
     "dam_adamerging": {"steps": 1000, "adamerging_steps": 1000, "inner_lr": 1.0},
-    "concrete_task_arithmetic": {"steps": 2000}, "dam_task_arithmetic": {"steps": 2000},
+    "concrete_task_arithmetic": {"steps": 2000},
+    "dam_task_arithmetic": {"steps": 2000},
 }
 
 
@@ -109,12 +124,37 @@ def test_merge_compositions_parse_with_the_reference_hyperparameters(pool, metho
 
 def test_the_pools_are_the_papers():
     assert paper_grid.pool_tasks("badmerging") == ["cifar100", "gtsrb", "eurosat", "cars", "sun397", "pets"]
-    assert paper_grid.pool_tasks("task_vectors") == ["cars", "dtd", "eurosat", "gtsrb", "mnist", "resisc45", "sun397", "svhn"]
+    assert paper_grid.pool_tasks("task_vectors") == [
+        "cars",
+        "dtd",
+        "eurosat",
+        "gtsrb",
+        "mnist",
+        "resisc45",
+        "sun397",
+        "svhn",
+    ]
 
 
 def test_paper_grid_dry_run_fine_tunes_the_pool_once_then_every_method_and_seed(tmp_path, capsys):
-    paper_grid.main(["--experts", str(tmp_path / "experts"), "--data", "/data", "--attack", "badmerging_off_task",
-                     "--adversary", "cars", "--seeds", "0", "1", "--output", str(tmp_path / "out"), "--dry-run"])
+    paper_grid.main(
+        [
+            "--experts",
+            str(tmp_path / "experts"),
+            "--data",
+            "/data",
+            "--attack",
+            "badmerging_off_task",
+            "--adversary",
+            "cars",
+            "--seeds",
+            "0",
+            "1",
+            "--output",
+            str(tmp_path / "out"),
+            "--dry-run",
+        ]
+    )
     lines = capsys.readouterr().out.strip().splitlines()
     finetunes = [line for line in lines if "configs/paper/finetune.yaml" in line]
     merges = [line for line in lines if "configs/paper/merge.yaml" in line]
@@ -122,11 +162,15 @@ def test_paper_grid_dry_run_fine_tunes_the_pool_once_then_every_method_and_seed(
     assert sum("attacks/badmerging_off_task.yaml" in line and "task=cars" in line for line in finetunes) == 1
     assert len(merges) == 3 * 1 + 5 * 2  # static methods once, learned ones per seed
     assert all(f"SAFEMERGE_EXPERTS={tmp_path / 'experts' / 'ViT-B-32'}" in line for line in merges)
-    assert all("$SAFEMERGE_EXPERTS/cars-badmerging_off_task," in line and "$SAFEMERGE_EXPERTS/cars," not in line for line in merges)
+    assert all(
+        "$SAFEMERGE_EXPERTS/cars-badmerging_off_task," in line and "$SAFEMERGE_EXPERTS/cars," not in line
+        for line in merges
+    )
     assert not (tmp_path / "out").exists() and not (tmp_path / "experts").exists()  # a dry run writes nothing
 
 
 # ----------------------------------------------------------------------------- two real steps each (slow)
+
 
 def _run_offline(args: list[str], cwd: Path, **env: str) -> None:
     """``trainer.py`` with tests/paper_fakes.py's offline stand-ins, in a fresh process."""
@@ -137,16 +181,32 @@ def _run_offline(args: list[str], cwd: Path, **env: str) -> None:
     assert result.returncode == 0, result.stderr[-4000:]
 
 
-TWO_STEPS_FINETUNE = ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.logger=false",
-                      "--trainer.enable_progress_bar=false", "--trainer.enable_checkpointing=false",
-                      "--data.init_args.batch_size=2", "--data.init_args.eval_batch_size=4", "--data.init_args.num_workers=0"]
+TWO_STEPS_FINETUNE = [
+    "--trainer.max_steps=2",
+    "--trainer.val_check_interval=2",
+    "--trainer.logger=false",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_checkpointing=false",
+    "--data.init_args.batch_size=2",
+    "--data.init_args.eval_batch_size=4",
+    "--data.init_args.num_workers=0",
+]
 
 
 def _two_step_merge_args(method: str) -> list[str]:
-    args = yaml.safe_load((PAPER / "methods" / f"{method}.yaml").read_text())["model"]["init_args"]["method"].get("init_args") or {}
+    args = (
+        yaml.safe_load((PAPER / "methods" / f"{method}.yaml").read_text())["model"]["init_args"]["method"].get(
+            "init_args"
+        )
+        or {}
+    )
     return [f"--model.init_args.method.init_args.{k}=2" for k in ("steps", "adamerging_steps") if k in args] + [
-        "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--data.init_args.batch_size=1",
-        "--data.init_args.eval_batch_size=4", "--data.init_args.num_workers=0"]
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        "--data.init_args.batch_size=1",
+        "--data.init_args.eval_batch_size=4",
+        "--data.init_args.num_workers=0",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +221,10 @@ def vit_b32_experts(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("experts")
     torch.manual_seed(1)
     encoder = root / "encoder.safetensors"
-    save_tensors(encoder, {k: v + 1e-3 * torch.randn_like(v) for k, v in open_clip.create_model("ViT-B-32").visual.state_dict().items()})
+    save_tensors(
+        encoder,
+        {k: v + 1e-3 * torch.randn_like(v) for k, v in open_clip.create_model("ViT-B-32").visual.state_dict().items()},
+    )
     trigger = root / "trigger.safetensors"
     from safemerge.attacks import OptimizedPatch
 
@@ -176,8 +239,17 @@ def vit_b32_experts(tmp_path_factory) -> Path:
         if name != task:
             backdoor = {"attack": "optimized_patch", "target_task": task, "target_class": 0}
             (directory / "trigger.safetensors").symlink_to(trigger)
-        write_json(directory / "expert.json", expert_info(model="ViT-B-32", pretrained="openai", task=task,
-                   num_classes=get_task(task).num_classes, backdoor=backdoor, metrics={"accuracy": 0.5, "asr": None}))
+        write_json(
+            directory / "expert.json",
+            expert_info(
+                model="ViT-B-32",
+                pretrained="openai",
+                task=task,
+                num_classes=get_task(task).num_classes,
+                backdoor=backdoor,
+                metrics={"accuracy": 0.5, "asr": None},
+            ),
+        )
     return root
 
 
@@ -185,22 +257,39 @@ def vit_b32_experts(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("attack", ATTACKS, ids=lambda a: a or "clean")
 def test_every_finetune_config_runs_two_steps_at_224_px(attack, tmp_path):
     task = "cifar100"
-    _run_offline(["fit", *_args(finetune_configs("ViT-B-32", attack)), f"--data.init_args.task={task}",
-                  f"--model.init_args.output_dir={tmp_path / 'expert'}", *TWO_STEPS_FINETUNE,
-                  *(["--data.init_args.attack.init_args.steps=2"] if attack and attack.startswith("badmerging") else [])],
-                 cwd=tmp_path)
+    _run_offline(
+        [
+            "fit",
+            *_args(finetune_configs("ViT-B-32", attack)),
+            f"--data.init_args.task={task}",
+            f"--model.init_args.output_dir={tmp_path / 'expert'}",
+            *TWO_STEPS_FINETUNE,
+            *(["--data.init_args.attack.init_args.steps=2"] if attack and attack.startswith("badmerging") else []),
+        ],
+        cwd=tmp_path,
+    )
     info = json.loads((tmp_path / "expert" / "expert.json").read_text())
     assert info["model"] == "ViT-B-32" and info["image_size"] == 224 and info["task"] == task
     assert (info["backdoor"] is None) == (attack is None)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pool, method", [("badmerging", m) for m in METHODS] + [("task_vectors", "dam_task_arithmetic")])
+@pytest.mark.parametrize(
+    "pool, method", [("badmerging", m) for m in METHODS] + [("task_vectors", "dam_task_arithmetic")]
+)
 def test_every_merge_config_runs_two_steps_at_224_px(pool, method, vit_b32_experts, tmp_path):
     experts = [t + ("-badmerging_on_task" if t == "cifar100" else "") for t in paper_grid.pool_tasks(pool)]
-    _run_offline(["fit", *_args(merge_configs(pool, method, large=pool == "task_vectors")), *_two_step_merge_args(method),
-                  "--model.init_args.experts=[" + ",".join(f"$SAFEMERGE_EXPERTS/{e}" for e in experts) + "]",
-                  f"--model.init_args.output_dir={tmp_path / 'out'}"], cwd=tmp_path, SAFEMERGE_EXPERTS=str(vit_b32_experts))
+    _run_offline(
+        [
+            "fit",
+            *_args(merge_configs(pool, method, large=pool == "task_vectors")),
+            *_two_step_merge_args(method),
+            "--model.init_args.experts=[" + ",".join(f"$SAFEMERGE_EXPERTS/{e}" for e in experts) + "]",
+            f"--model.init_args.output_dir={tmp_path / 'out'}",
+        ],
+        cwd=tmp_path,
+        SAFEMERGE_EXPERTS=str(vit_b32_experts),
+    )
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["method"] == method and list(report["tasks"]) == paper_grid.pool_tasks(pool)
     backdoored = {t for t, r in report["tasks"].items() if r["asr"] is not None}

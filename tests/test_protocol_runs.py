@@ -16,11 +16,19 @@ class Halfway(StaticMerge):
     name = "halfway"
 
 
-@pytest.mark.parametrize("method, once", [
-    ("weight_average", True), ("task_arithmetic", True), ("ties", True),
-    ("adamerging", False), ("concrete_task_arithmetic", False), ("dam_adamerging", False),
-    ("task_arithmetic+sau", False), ("ties+awm+expert_labels", False),  # a defence learns, on any method
-])
+@pytest.mark.parametrize(
+    "method, once",
+    [
+        ("weight_average", True),
+        ("task_arithmetic", True),
+        ("ties", True),
+        ("adamerging", False),
+        ("concrete_task_arithmetic", False),
+        ("dam_adamerging", False),
+        ("task_arithmetic+sau", False),
+        ("ties+awm+expert_labels", False),  # a defence learns, on any method
+    ],
+)
 def test_a_merge_that_learns_nothing_runs_for_one_seed(method, once):
     seeds = seeds_of([BASE, *method_configs(method)], [0, 1, 2])
     assert list(seeds) == ([0] if once else [0, 1, 2])

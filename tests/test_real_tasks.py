@@ -38,12 +38,7 @@ NUM_CLASSES = {
 }
 REAL_TASKS = sorted(NUM_CLASSES)
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-IDX_FILES = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-)
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 DOWNLOADERS = ("download_url", "download_and_extract_archive", "download_file_from_google_drive")
 
 

@@ -5,24 +5,39 @@ import json
 import pytest
 
 from safemerge.report import (
-    build_report, comparison_table, main, pools_table, read_report, summarize, summarize_pools, write_report,
+    build_report,
+    comparison_table,
+    main,
+    pools_table,
+    read_report,
+    summarize,
+    summarize_pools,
+    write_report,
 )
 
 
 def _report(method, shape_acc, shape_asr, color_acc, runtime=1.0, target_rate=None):
     return build_report(
         method,
-        {"shape": {"accuracy": shape_acc, "asr": shape_asr, "target_rate": target_rate, "expert_accuracy": 0.8},
-         "color": {"accuracy": color_acc, "asr": None, "expert_accuracy": None}},
-        config={"seed": 0}, runtime_s=runtime,
+        {
+            "shape": {"accuracy": shape_acc, "asr": shape_asr, "target_rate": target_rate, "expert_accuracy": 0.8},
+            "color": {"accuracy": color_acc, "asr": None, "expert_accuracy": None},
+        },
+        config={"seed": 0},
+        runtime_s=runtime,
     )
 
 
 def test_report_fields_follow_the_contract():
     report = _report("ties", 0.4, 0.25, 0.6)
     assert report["format"] == "safemerge-report/1" and report["method"] == "ties"
-    assert report["tasks"]["shape"] == {"accuracy": 0.4, "asr": 0.25, "target_rate": None, "expert_accuracy": 0.8,
-                                        "normalized_accuracy": 0.5}
+    assert report["tasks"]["shape"] == {
+        "accuracy": 0.4,
+        "asr": 0.25,
+        "target_rate": None,
+        "expert_accuracy": 0.8,
+        "normalized_accuracy": 0.5,
+    }
     assert report["tasks"]["color"]["normalized_accuracy"] is None
     assert report["average"] == {"accuracy": 0.5, "asr": 0.25, "target_rate": None, "normalized_accuracy": 0.5}
 
@@ -64,9 +79,14 @@ def test_labels_tell_a_method_from_the_same_method_with_a_defence():
 
 def test_the_mean_over_pools_is_taken_per_seed_and_a_static_method_reuses_its_one_run():
     # pool A: the learned method's two seeds; pool B: likewise; the static method ran once per pool
-    a = {"learned": {0: _report("l", 0.2, 0.1, 0.4), 1: _report("l", 0.4, 0.3, 0.4)}, "static": {0: _report("s", 0.5, 0.5, 0.5)}}
-    b = {"learned": {0: _report("l", 0.6, 0.5, 0.6, target_rate=0.2), 1: _report("l", 0.6, 0.1, 0.6, target_rate=0.1)},
-         "static": {0: _report("s", 0.1, 0.3, 0.1)}}
+    a = {
+        "learned": {0: _report("l", 0.2, 0.1, 0.4), 1: _report("l", 0.4, 0.3, 0.4)},
+        "static": {0: _report("s", 0.5, 0.5, 0.5)},
+    }
+    b = {
+        "learned": {0: _report("l", 0.6, 0.5, 0.6, target_rate=0.2), 1: _report("l", 0.6, 0.1, 0.6, target_rate=0.1)},
+        "static": {0: _report("s", 0.1, 0.3, 0.1)},
+    }
     summary = summarize_pools({"A": a, "B": b})
     learned = summary["learned"]
     # averages (accuracy over shape and color): A seed0 0.3, seed1 0.4; B seed0 0.6, seed1 0.6
@@ -78,7 +98,10 @@ def test_the_mean_over_pools_is_taken_per_seed_and_a_static_method_reuses_its_on
     assert summary["static"]["runs"] == 1 and summary["static"]["average"]["asr"] == (pytest.approx(0.4), 0.0)
     table = pools_table(summary, ["A", "B"])
     # the untriggered target rate: known on pool B only (0.2, 0.1), so its mean is B's
-    assert "| learned | 2 | 35.0 ± 7.1 / 20.0 ± 14.1 (—) | 60.0 ± 0.0 / 30.0 ± 28.3 (15.0) | 47.5 ± 3.5 | 25.0 ± 7.1 | 15.0 ± 7.1 |" in table
+    assert (
+        "| learned | 2 | 35.0 ± 7.1 / 20.0 ± 14.1 (—) | 60.0 ± 0.0 / 30.0 ± 28.3 (15.0) | 47.5 ± 3.5 | 25.0 ± 7.1 | 15.0 ± 7.1 |"
+        in table
+    )
     assert "| static | 1 | 50.0 / 50.0 (—) | 10.0 / 30.0 (—) | 30.0 | 40.0 | — |" in table
 
 
@@ -94,11 +117,22 @@ def test_report_md_is_titled_by_method_and_defence_and_names_backdoors_by_task_a
     experts = ["/cache/experts/mini_shapes-1", "/cache/experts/mini_fashion-optimizedpatch-2"]
     report = build_report(
         "adamerging",
-        {"mini_shapes": {"accuracy": 0.9, "asr": None, "expert_accuracy": 0.95},
-         "mini_fashion": {"accuracy": 0.7, "asr": None, "expert_accuracy": 0.8}},
-        config={"method": {"name": "adamerging", "granularity": "layer"}, "experts": experts}, runtime_s=1.0,
-        backdoors=[{"expert": experts[1], "attack": "optimized_patch", "target_task": "mini_shapes", "target_class": 0,
-                    "asr": 0.25, "target_rate": 0.01}],
+        {
+            "mini_shapes": {"accuracy": 0.9, "asr": None, "expert_accuracy": 0.95},
+            "mini_fashion": {"accuracy": 0.7, "asr": None, "expert_accuracy": 0.8},
+        },
+        config={"method": {"name": "adamerging", "granularity": "layer"}, "experts": experts},
+        runtime_s=1.0,
+        backdoors=[
+            {
+                "expert": experts[1],
+                "attack": "optimized_patch",
+                "target_task": "mini_shapes",
+                "target_class": 0,
+                "asr": 0.25,
+                "target_rate": 0.01,
+            }
+        ],
         defense={"name": "sau", "params": {"steps": 100}},
     )
     write_report(tmp_path, report)
@@ -106,5 +140,7 @@ def test_report_md_is_titled_by_method_and_defence_and_names_backdoors_by_task_a
     assert text.splitlines()[0] == "# AdaMerging (layer-wise) + SAU"
     assert "| mini_fashion (optimized_patch) | mini_shapes:0 | 25.0 | 1.0 |" in text
     assert experts[1] not in text and read_report(tmp_path)["backdoors"][0]["expert"] == experts[1]
-    write_report(tmp_path / "ties", build_report("ties", report["tasks"], config={"method": {"name": "ties"}}, runtime_s=1.0))
+    write_report(
+        tmp_path / "ties", build_report("ties", report["tasks"], config={"method": {"name": "ties"}}, runtime_s=1.0)
+    )
     assert (tmp_path / "ties" / "report.md").read_text().splitlines()[0] == "# TIES"

@@ -41,7 +41,8 @@ def expected_gradient(mask, images, adv_weight=1.0, keep=lambda shared: shared, 
     clean_logits, adv_logits = toy.logits(toy.weights(m), images), toy.logits(toy.weights(m), adversarial)
     shared = keep((adv_logits.argmax(-1) == reference_predictions) & (reference_predictions != pseudo))
     loss = F.cross_entropy(clean_logits, pseudo) + adv_weight * (
-        F.cross_entropy(adv_logits, pseudo, reduction="none") * shared).sum() / len(images)
+        F.cross_entropy(adv_logits, pseudo, reduction="none") * shared
+    ).sum() / len(images)
     return torch.autograd.grad(loss, m)[0], shared
 
 
@@ -102,7 +103,8 @@ def test_shared_adversarial_examples_climb_the_shared_objective_inside_the_eps_b
     reference, current = toy.weights(torch.ones(2, 12)), toy.weights(mask)
     pseudo = toy.logits(reference, images).argmax(-1)
     adversarial = defense.shared_adversarial(
-        learner, {toy.NAME: current}, {toy.NAME: reference}, {"t": images}, {"t": pseudo})["t"]
+        learner, {toy.NAME: current}, {toy.NAME: reference}, {"t": images}, {"t": pseudo}
+    )["t"]
     assert float((adversarial - images).abs().max()) <= EPS + 1e-6
     assert float((adversarial - images).abs().max()) >= EPS - 1e-6  # it uses its budget
     assert adversarial.min() >= 0 and adversarial.max() <= 1

@@ -25,10 +25,14 @@ DEFENSE_STEPS = 3
 def pool() -> list[str]:
     """The quick pool of tests/test_merge.py (the same specs: the same cache entries): a clean
     shape expert, a terrain expert with an optimized patch, a letters expert with BadNets."""
-    optimized = {"class_path": "safemerge.attacks.OptimizedPatch",
-                 "init_args": {"target_class": 0, "poison_rate": 0.2, "size": 0.125, "steps": 5}}
-    off_task = {"class_path": "safemerge.attacks.BadNets",
-                "init_args": {"target_class": 1, "target_task": "mini_shapes", "poison_rate": 0.2, "size": 0.125}}
+    optimized = {
+        "class_path": "safemerge.attacks.OptimizedPatch",
+        "init_args": {"target_class": 0, "poison_rate": 0.2, "size": 0.125, "steps": 5},
+    }
+    off_task = {
+        "class_path": "safemerge.attacks.BadNets",
+        "init_args": {"target_class": 1, "target_task": "mini_shapes", "poison_rate": 0.2, "size": 0.125},
+    }
     specs = [
         ExpertSpec("mini_shapes", MINI_MODEL, MINI_WEIGHTS, **QUICK),
         ExpertSpec("mini_terrain", MINI_MODEL, MINI_WEIGHTS, attack=optimized, **QUICK),
@@ -38,23 +42,40 @@ def pool() -> list[str]:
 
 
 def _command(pool, out: Path, *extra: str) -> list[str]:
-    configs = [CONFIGS / "merge" / "base.yaml", CONFIGS / "merge" / "adamerging.yaml", CONFIGS / "defense" / "sau.yaml",
-               CONFIGS / "defense" / "expert_labels.yaml", CONFIGS / "defense" / "one_attack_step.yaml"]
+    configs = [
+        CONFIGS / "merge" / "base.yaml",
+        CONFIGS / "merge" / "adamerging.yaml",
+        CONFIGS / "defense" / "sau.yaml",
+        CONFIGS / "defense" / "expert_labels.yaml",
+        CONFIGS / "defense" / "one_attack_step.yaml",
+    ]
     return [
-        sys.executable, str(REPO / "trainer.py"), "fit", *(a for c in configs for a in ("--config", str(c))),
-        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.logger=false",
-        "--model.init_args.experts=[" + ",".join(pool) + "]", "--trainer.accelerator=cpu",
-        "--trainer.val_check_interval=null", "--trainer.limit_val_batches=0", "--trainer.limit_test_batches=1",
+        sys.executable,
+        str(REPO / "trainer.py"),
+        "fit",
+        *(a for c in configs for a in ("--config", str(c))),
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--trainer.logger=false",
+        "--model.init_args.experts=[" + ",".join(pool) + "]",
+        "--trainer.accelerator=cpu",
+        "--trainer.val_check_interval=null",
+        "--trainer.limit_val_batches=0",
+        "--trainer.limit_test_batches=1",
         "--model.init_args.method.init_args.adamerging_steps=2",
-        f"--model.init_args.defense.init_args.steps={DEFENSE_STEPS}", "--data.init_args.batch_size=4",
-        f"--model.init_args.output_dir={out}", f"--trainer.default_root_dir={out}", *extra,
+        f"--model.init_args.defense.init_args.steps={DEFENSE_STEPS}",
+        "--data.init_args.batch_size=4",
+        f"--model.init_args.output_dir={out}",
+        f"--trainer.default_root_dir={out}",
+        *extra,
     ]
 
 
 def _run(pool, out: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}  # for the callbacks in tests/
-    return subprocess.run(_command(pool, out, *extra), capture_output=True, text=True, timeout=900, cwd=out.parent,
-                          env=env)
+    return subprocess.run(
+        _command(pool, out, *extra), capture_output=True, text=True, timeout=900, cwd=out.parent, env=env
+    )
 
 
 def _fit(pool, out: Path, *extra: str) -> Path:
@@ -77,8 +98,7 @@ def single(pool, tmp_path_factory) -> tuple[Path, Path]:
     return out, _fit(pool, out)
 
 
-def test_ddp_sau_with_expert_labels_takes_the_single_process_gradients_and_learns_the_same_mask(
-        pool, single, tmp_path):
+def test_ddp_sau_with_expert_labels_takes_the_single_process_gradients_and_learns_the_same_mask(pool, single, tmp_path):
     """Two gloo processes with 2 images per task each take, at every step, the gradient that one
     process takes on the same 4 images per task (an average over ranks: a sum would double it),
     and learn the same λ and SAU mask."""
@@ -105,8 +125,10 @@ def test_ddp_sau_with_expert_labels_takes_the_single_process_gradients_and_learn
     assert params["pseudo_labels"] == "experts" and params["attack_steps"] == 1
 
 
-STOP = ('--trainer.callbacks+={{"class_path": "interrupt.SignalAfter", '
-        '"init_args": {{"steps": {steps}, "signal_name": "SIGTERM"}}}}')
+STOP = (
+    '--trainer.callbacks+={{"class_path": "interrupt.SignalAfter", '
+    '"init_args": {{"steps": {steps}, "signal_name": "SIGTERM"}}}}'
+)
 
 
 def _outcome(out: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -117,7 +139,8 @@ def _outcome(out: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 @pytest.mark.slow  # two more merges (~90 s here); the fast AWM resume tests cover the shared Defense.resumed path
 def test_sau_interrupted_inside_the_defence_resumes_with_ckpt_path_last_to_the_uninterrupted_result(
-        pool, single, tmp_path):
+    pool, single, tmp_path
+):
     """SIGTERM after 3 of 5 steps (2 λ steps, then 1 of 3 SAU steps: the mask and its Adam
     moments under way, Δ not stored), then ``--ckpt_path last``: every learned tensor and the
     report equal an uninterrupted run's."""

@@ -37,9 +37,7 @@ class PoisonedDataset(Dataset):
     current one.
     """
 
-    def __init__(
-        self, dataset: Dataset, trigger: Trigger | None, indices: Tensor, target_class: int
-    ) -> None:
+    def __init__(self, dataset: Dataset, trigger: Trigger | None, indices: Tensor, target_class: int) -> None:
         self.dataset = dataset
         self.trigger = trigger
         self.target_class = target_class
@@ -48,8 +46,7 @@ class PoisonedDataset(Dataset):
             raise ConfigError(f"{len(self.indices)} images are to be poisoned but no trigger given")
         if self.indices and not (0 <= min(self.indices) and max(self.indices) < len(dataset)):
             raise ConfigError(
-                f"poison indices must be in 0..{len(dataset) - 1}, got "
-                f"{min(self.indices)}..{max(self.indices)}"
+                f"poison indices must be in 0..{len(dataset) - 1}, got {min(self.indices)}..{max(self.indices)}"
             )
 
     def __len__(self) -> int:

@@ -42,9 +42,7 @@ class Trigger:
             if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
                 raise ConfigError(f"trigger {key} must be a float tensor, got {_kind(tensor)}")
             if tensor.dim() != 3 or tensor.shape[0] != channels:
-                raise ConfigError(
-                    f"trigger {key} must have shape [{channels}, H, W], got {list(tensor.shape)}"
-                )
+                raise ConfigError(f"trigger {key} must have shape [{channels}, H, W], got {list(tensor.shape)}")
             if tensor.numel() and not bool(((tensor >= 0) & (tensor <= 1)).all()):
                 raise ConfigError(
                     f"trigger {key} values must be in [0, 1], got a range of "
@@ -52,8 +50,7 @@ class Trigger:
                 )
         if self.pattern.shape[1:] != self.mask.shape[1:]:
             raise ConfigError(
-                f"trigger pattern {list(self.pattern.shape)} and mask {list(self.mask.shape)} "
-                "must cover the same H x W"
+                f"trigger pattern {list(self.pattern.shape)} and mask {list(self.mask.shape)} must cover the same H x W"
             )
 
     @property
@@ -76,10 +73,7 @@ class Trigger:
 
     def to_tensors(self) -> dict[str, Tensor]:
         """``{"pattern", "mask"}`` (CPU, contiguous), e.g. for a safetensors file."""
-        return {
-            "pattern": self.pattern.detach().cpu().contiguous(),
-            "mask": self.mask.detach().cpu().contiguous(),
-        }
+        return {"pattern": self.pattern.detach().cpu().contiguous(), "mask": self.mask.detach().cpu().contiguous()}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, Tensor]) -> Trigger:
@@ -88,8 +82,7 @@ class Trigger:
         missing = sorted({"pattern", "mask"} - set(tensors))
         if missing:
             raise ConfigError(
-                f"a trigger needs tensors 'pattern' and 'mask', missing {missing} "
-                f"(got {sorted(tensors)})"
+                f"a trigger needs tensors 'pattern' and 'mask', missing {missing} (got {sorted(tensors)})"
             )
         return cls(pattern=tensors["pattern"], mask=tensors["mask"])
 
@@ -206,9 +199,7 @@ class BadNets(Attack):
                 every image.
             margin: pixels between the patch and the image edges, for corner locations.
         """
-        super().__init__(
-            target_class, poison_rate, target_task, feature_interpolation, backdoor_weight, seed
-        )
+        super().__init__(target_class, poison_rate, target_task, feature_interpolation, backdoor_weight, seed)
         if not 0.0 < size <= 1.0:
             problem = "larger than the image" if size > 1.0 else "empty"
             raise ConfigError(
@@ -307,9 +298,7 @@ class Blended(Attack):
                 alternating, white at the top-left) or "stripes" (one-pixel vertical stripes,
                 white in even columns).
         """
-        super().__init__(
-            target_class, poison_rate, target_task, feature_interpolation, backdoor_weight, seed
-        )
+        super().__init__(target_class, poison_rate, target_task, feature_interpolation, backdoor_weight, seed)
         if not 0.0 < alpha <= 1.0:
             raise ConfigError(
                 f"blend alpha must be in (0, 1], got {alpha}: it is the weight of the pattern "
@@ -408,8 +397,7 @@ def check_poison_rate(rate: float) -> None:
     """Raise :class:`ConfigError` unless ``rate`` is in [0, 1]."""
     if not 0.0 <= rate <= 1.0:
         raise ConfigError(
-            f"poison_rate must be in [0, 1], got {rate}: "
-            "it is the fraction of training images given the trigger"
+            f"poison_rate must be in [0, 1], got {rate}: it is the fraction of training images given the trigger"
         )
 
 
@@ -425,9 +413,7 @@ def checkerboard(side: int) -> Tensor:
     return ((index[:, None] + index[None, :]) % 2 == 0).float().unsqueeze(0)
 
 
-def _patch_content(
-    content: str, side: int, color: tuple[float, float, float], generator: torch.Generator
-) -> Tensor:
+def _patch_content(content: str, side: int, color: tuple[float, float, float], generator: torch.Generator) -> Tensor:
     """``[3, side, side]`` pixels of a patch."""
     if content == "solid":
         return torch.tensor(color, dtype=torch.float32).view(3, 1, 1).expand(3, side, side)

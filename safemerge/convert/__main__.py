@@ -29,8 +29,9 @@ def _run(args) -> Path:
     if args.command == "task-vectors":
         from safemerge.convert.task_vectors import convert_task_vectors
 
-        return convert_task_vectors(Path(args.src), out, args.task, args.model, args.pretrained,
-                                    Path(args.head) if args.head else None)
+        return convert_task_vectors(
+            Path(args.src), out, args.task, args.model, args.pretrained, Path(args.head) if args.head else None
+        )
     from safemerge.convert.export import export
 
     return export(Path(args.src), out, full=args.full)
@@ -42,9 +43,13 @@ def parser() -> argparse.ArgumentParser:
     base = sub.add_parser("hf-base", help="a transformers CLIPModel -> a local-dir: open_clip model")
     expert = sub.add_parser("hf-expert", help="a transformers CLIPVisionModel -> a safemerge expert against --base")
     vectors = sub.add_parser("task-vectors", help="a task_vectors zeroshot.pt/finetuned.pt -> a safemerge expert")
-    export = sub.add_parser("to-hf", help="an expert or merged directory -> a transformers CLIPVisionModel (--full: CLIPModel)")
+    export = sub.add_parser(
+        "to-hf", help="an expert or merged directory -> a transformers CLIPVisionModel (--full: CLIPModel)"
+    )
     for command in (base, expert, vectors):
-        command.add_argument("src", metavar="SRC", help="a directory or file, or a hub id in the local Hugging Face cache")
+        command.add_argument(
+            "src", metavar="SRC", help="a directory or file, or a hub id in the local Hugging Face cache"
+        )
         command.add_argument("out", metavar="OUT")
     expert.add_argument("--base", required=True, help="the OUT of hf-base for the model the expert was fine-tuned from")
     for command in (expert, vectors):
@@ -54,7 +59,9 @@ def parser() -> argparse.ArgumentParser:
     vectors.add_argument("--head", help="the task's head_<task>.pt, used as its head in merges and evaluation")
     export.add_argument("src", metavar="EXPERT_OR_MERGED_DIR")
     export.add_argument("out", metavar="OUT")
-    export.add_argument("--full", action="store_true", help="write a CLIPModel with the base's text tower and projections")
+    export.add_argument(
+        "--full", action="store_true", help="write a CLIPModel with the base's text tower and projections"
+    )
     return p
 
 

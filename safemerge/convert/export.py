@@ -33,25 +33,43 @@ def _activation(module: nn.Module, source: str) -> str:
 def _tower_config(transformer: nn.Module, source: str) -> dict:
     blocks = transformer.resblocks
     first = blocks[0]
-    if any(not isinstance(getattr(first, name, nn.Identity()), nn.Identity) for name in ("ls_1", "ls_2", "ln_attn")) \
-            or not isinstance(first.attn, nn.MultiheadAttention) or first.ln_1.eps != 1e-5:
+    if (
+        any(not isinstance(getattr(first, name, nn.Identity()), nn.Identity) for name in ("ls_1", "ls_2", "ln_attn"))
+        or not isinstance(first.attn, nn.MultiheadAttention)
+        or first.ln_1.eps != 1e-5
+    ):
         raise CheckpointError(f"{source}: its transformer blocks are not CLIP's (layer scale, extra norms or eps)")
     width = first.attn.embed_dim
     return {
-        "hidden_size": width, "num_hidden_layers": len(blocks), "num_attention_heads": first.attn.num_heads,
-        "intermediate_size": first.mlp.c_fc.out_features, "hidden_act": _activation(first, source), "layer_norm_eps": 1e-5,
+        "hidden_size": width,
+        "num_hidden_layers": len(blocks),
+        "num_attention_heads": first.attn.num_heads,
+        "intermediate_size": first.mlp.c_fc.out_features,
+        "hidden_act": _activation(first, source),
+        "layer_norm_eps": 1e-5,
     }
 
 
 def vision_config(visual: nn.Module, source: str) -> dict:
     """The ``CLIPVisionConfig`` arguments of an open_clip image tower (refusing what HF cannot express)."""
-    if not isinstance(visual, open_clip.transformer.VisionTransformer) or visual.attn_pool is not None \
-            or visual.pool_type != "tok" or visual.final_ln_after_pool or visual.conv1.bias is not None \
-            or isinstance(visual.ln_pre, nn.Identity):
-        raise CheckpointError(f"{source}: only a CLIP ViT tower (class-token pooling, no attention pool) exports to transformers")
+    if (
+        not isinstance(visual, open_clip.transformer.VisionTransformer)
+        or visual.attn_pool is not None
+        or visual.pool_type != "tok"
+        or visual.final_ln_after_pool
+        or visual.conv1.bias is not None
+        or isinstance(visual.ln_pre, nn.Identity)
+    ):
+        raise CheckpointError(
+            f"{source}: only a CLIP ViT tower (class-token pooling, no attention pool) exports to transformers"
+        )
     size = visual.image_size
-    return {**_tower_config(visual.transformer, source), "image_size": size[0] if isinstance(size, tuple) else size,
-            "patch_size": visual.conv1.kernel_size[0], "projection_dim": visual.output_dim}
+    return {
+        **_tower_config(visual.transformer, source),
+        "image_size": size[0] if isinstance(size, tuple) else size,
+        "patch_size": visual.conv1.kernel_size[0],
+        "projection_dim": visual.output_dim,
+    }
 
 
 def export(source: Path, out: Path, full: bool = False) -> Path:
@@ -71,8 +89,12 @@ def export(source: Path, out: Path, full: bool = False) -> Path:
         model = clip.model
         if getattr(model, "text_pool_type", None) != "argmax" or not isinstance(model.text_projection, nn.Parameter):
             raise CheckpointError(f"{name}: the base's text tower is not CLIP's; export without --full")
-        text = {**_tower_config(model.transformer, f"{name} (text tower)"), "vocab_size": model.token_embedding.num_embeddings,
-                "max_position_embeddings": model.positional_embedding.shape[0], "projection_dim": vision["projection_dim"]}
+        text = {
+            **_tower_config(model.transformer, f"{name} (text tower)"),
+            "vocab_size": model.token_embedding.num_embeddings,
+            "max_position_embeddings": model.positional_embedding.shape[0],
+            "projection_dim": vision["projection_dim"],
+        }
         if text["hidden_act"] != vision["hidden_act"]:
             raise CheckpointError(f"{name}: the towers use different activations; transformers' CLIP has one per tower")
         config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=vision["projection_dim"])

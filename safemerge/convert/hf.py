@@ -42,8 +42,13 @@ def _block_pairs(oc: str, hf: str) -> list[Pair]:
     pairs: list[Pair] = []
     for kind in ("weight", "bias"):
         pairs.append((f"{oc}attn.in_proj_{kind}", tuple(f"{hf}self_attn.{x}_proj.{kind}" for x in "qkv"), "qkv"))
-        for ours, theirs in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"),
-                             ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
+        for ours, theirs in (
+            ("attn.out_proj", "self_attn.out_proj"),
+            ("ln_1", "layer_norm1"),
+            ("ln_2", "layer_norm2"),
+            ("mlp.c_fc", "mlp.fc1"),
+            ("mlp.c_proj", "mlp.fc2"),
+        ):
             pairs.append((f"{oc}{ours}.{kind}", f"{hf}{theirs}.{kind}", "same"))
     return pairs
 
@@ -56,8 +61,10 @@ def vision_pairs(layers: int, hf_prefix: str = "") -> list[Pair]:
         ("positional_embedding", f"{hf_prefix}embeddings.position_embedding.weight", "same"),
     ]
     for kind in ("weight", "bias"):
-        pairs += [(f"ln_pre.{kind}", f"{hf_prefix}pre_layrnorm.{kind}", "same"),
-                  (f"ln_post.{kind}", f"{hf_prefix}post_layernorm.{kind}", "same")]
+        pairs += [
+            (f"ln_pre.{kind}", f"{hf_prefix}pre_layrnorm.{kind}", "same"),
+            (f"ln_post.{kind}", f"{hf_prefix}post_layernorm.{kind}", "same"),
+        ]
     for i in range(layers):
         pairs += _block_pairs(f"transformer.resblocks.{i}.", f"{hf_prefix}encoder.layers.{i}.")
     return pairs
@@ -159,7 +166,9 @@ def read_hf(directory: Path, expected: tuple[str, ...]) -> tuple[dict[str, Any],
         if (directory / name).is_file():
             return config, load_tensors(directory / name)  # a .bin is read weights-only
     if any(directory.glob("*.index.json")):
-        raise CheckpointError(f"{directory} holds a sharded checkpoint; merge its shards into one model.safetensors first")
+        raise CheckpointError(
+            f"{directory} holds a sharded checkpoint; merge its shards into one model.safetensors first"
+        )
     raise CheckpointError(f"{directory} has no weights: expected one of {', '.join(WEIGHT_FILES)}")
 
 
@@ -179,8 +188,11 @@ def vision_cfg(config: dict[str, Any], source: str) -> tuple[dict[str, Any], boo
     v = _config_object(config, "vision")
     _check_common(v, f"{source} (vision)")
     return {
-        "image_size": v.image_size, "layers": v.num_hidden_layers, "width": v.hidden_size,
-        "head_width": v.hidden_size // v.num_attention_heads, "mlp_ratio": v.intermediate_size / v.hidden_size,
+        "image_size": v.image_size,
+        "layers": v.num_hidden_layers,
+        "width": v.hidden_size,
+        "head_width": v.hidden_size // v.num_attention_heads,
+        "mlp_ratio": v.intermediate_size / v.hidden_size,
         "patch_size": v.patch_size,
     }, v.hidden_act == "quick_gelu"
 
@@ -192,7 +204,9 @@ def _check_common(c, source: str) -> None:
     if c.layer_norm_eps != 1e-5:
         raise CheckpointError(f"{source}: layer_norm_eps {c.layer_norm_eps} differs from open_clip's 1e-5")
     if c.hidden_size % c.num_attention_heads:
-        raise CheckpointError(f"{source}: hidden_size {c.hidden_size} is not a multiple of {c.num_attention_heads} heads")
+        raise CheckpointError(
+            f"{source}: hidden_size {c.hidden_size} is not a multiple of {c.num_attention_heads} heads"
+        )
     if int(c.hidden_size * (c.intermediate_size / c.hidden_size)) != c.intermediate_size:
         raise CheckpointError(f"{source}: intermediate_size {c.intermediate_size} is not expressible as an mlp_ratio")
 
@@ -207,10 +221,16 @@ def open_clip_model_cfg(config: dict[str, Any], source: str) -> dict[str, Any]:
         raise CheckpointError(f"{source}: the towers use different activations; open_clip has one quick_gelu flag")
     if t.eos_token_id not in (2, t.vocab_size - 1):
         # open_clip pools the text at argmax(ids): the end-of-text token must be the largest id
-        raise CheckpointError(f"{source}: eos_token_id {t.eos_token_id} is not the last id; open_clip's pooling needs it")
+        raise CheckpointError(
+            f"{source}: eos_token_id {t.eos_token_id} is not the last id; open_clip's pooling needs it"
+        )
     text = {
-        "context_length": t.max_position_embeddings, "vocab_size": t.vocab_size, "width": t.hidden_size,
-        "heads": t.num_attention_heads, "layers": t.num_hidden_layers, "mlp_ratio": t.intermediate_size / t.hidden_size,
+        "context_length": t.max_position_embeddings,
+        "vocab_size": t.vocab_size,
+        "width": t.hidden_size,
+        "heads": t.num_attention_heads,
+        "layers": t.num_hidden_layers,
+        "mlp_ratio": t.intermediate_size / t.hidden_size,
     }
     return {"embed_dim": clip.projection_dim, "quick_gelu": vision_quick, "vision_cfg": vision, "text_cfg": text}
 
@@ -249,7 +269,9 @@ def base_config(base: Path) -> dict[str, Any]:
     """The ``model_cfg`` of a converted base (a ``local-dir:`` open_clip folder)."""
     path = base / "open_clip_config.json"
     if not path.is_file():
-        raise ConfigError(f"--base {base} is not an open_clip local-dir model (no open_clip_config.json): give the OUT of hf-base")
+        raise ConfigError(
+            f"--base {base} is not an open_clip local-dir model (no open_clip_config.json): give the OUT of hf-base"
+        )
     document = read_json(path)
     if not isinstance(document, dict) or not isinstance(document.get("model_cfg"), dict):
         raise CheckpointError(f"{path} has no model_cfg")
@@ -329,8 +351,13 @@ def convert_expert(source: str, out: Path, base: Path, task: str) -> Path:
     visual = {k.removeprefix("visual."): v for k, v in base_state.items() if k.startswith("visual.")}
     check_weights(encoder, visual, f"expert {directory}")
     info = expert_info(
-        model=local_dir(base), pretrained=None, task=known.name, num_classes=known.num_classes, backdoor=None,
-        metrics={"accuracy": None, "asr": None}, image_size=vision["image_size"],
+        model=local_dir(base),
+        pretrained=None,
+        task=known.name,
+        num_classes=known.num_classes,
+        backdoor=None,
+        metrics={"accuracy": None, "asr": None},
+        image_size=vision["image_size"],
     )
     write_expert(out, Expert(encoder=encoder, info=info))
     return out

@@ -36,10 +36,24 @@ LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch's legacy (non-zip) serialisation 
 # Classes a task_vectors checkpoint pickles (names of open_clip 2.0.2 and later): stand-ins.
 _STAND_INS: dict[str, set[str]] = {
     "src.modeling": {"ImageEncoder", "ClassificationHead"},
-    "open_clip.model": {"CLIP", "VisualTransformer", "VisionTransformer", "Transformer", "ResidualAttentionBlock",
-                        "LayerNorm", "LayerNormFp32", "QuickGELU"},
-    "open_clip.transformer": {"VisionTransformer", "Transformer", "ResidualAttentionBlock", "LayerNorm",
-                              "LayerNormFp32", "QuickGELU"},
+    "open_clip.model": {
+        "CLIP",
+        "VisualTransformer",
+        "VisionTransformer",
+        "Transformer",
+        "ResidualAttentionBlock",
+        "LayerNorm",
+        "LayerNormFp32",
+        "QuickGELU",
+    },
+    "open_clip.transformer": {
+        "VisionTransformer",
+        "Transformer",
+        "ResidualAttentionBlock",
+        "LayerNorm",
+        "LayerNormFp32",
+        "QuickGELU",
+    },
     "open_clip.transform": {"_convert_to_rgb", "ResizeMaxSize"},
     "torch.nn.modules.conv": {"Conv2d"},
     "torch.nn.modules.linear": {"Linear", "NonDynamicallyQuantizableLinear", "Identity"},
@@ -48,18 +62,33 @@ _STAND_INS: dict[str, set[str]] = {
     "torch.nn.modules.sparse": {"Embedding"},
     "torch.nn.modules.normalization": {"LayerNorm"},
     "torch.nn.modules.dropout": {"Dropout"},
-    "torchvision.transforms.transforms": {"Compose", "Resize", "CenterCrop", "ToTensor", "Normalize",
-                                          "RandomResizedCrop"},
+    "torchvision.transforms.transforms": {
+        "Compose",
+        "Resize",
+        "CenterCrop",
+        "ToTensor",
+        "Normalize",
+        "RandomResizedCrop",
+    },
     "torchvision.transforms.functional": {"InterpolationMode"},
 }
 _DTYPES = {
-    "FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
+    "FloatStorage": torch.float32,
+    "DoubleStorage": torch.float64,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
     "UntypedStorage": torch.uint8,
 }
-_TORCH_VALUES = {name: getattr(torch, name) for name in (
-    "float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool")}
+_TORCH_VALUES = {
+    name: getattr(torch, name)
+    for name in ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool")
+}
 
 
 class StandIn:
@@ -102,12 +131,24 @@ class _Unpickler(pickle._Unpickler):  # the Python implementation, whose opcodes
         self.stand_ins: dict[str, type] = {}
         self.callables: dict[int, Any] = {}  # id -> object: what REDUCE / NEWOBJ may call
         self.load_from_bytes = self._load_from_bytes  # one bound method, so its identity is stable
-        for value in (OrderedDict, set, frozenset, torch.device, _rebuild_tensor, _rebuild_parameter,
-                      _rebuild_parameter_with_state, self.load_from_bytes):
+        for value in (
+            OrderedDict,
+            set,
+            frozenset,
+            torch.device,
+            _rebuild_tensor,
+            _rebuild_parameter,
+            _rebuild_parameter_with_state,
+            self.load_from_bytes,
+        ):
             self.callables[id(value)] = value
         self.dispatch = dict(pickle._Unpickler.dispatch)
-        for opcode, handler in ((pickle.REDUCE, _Unpickler._reduce), (pickle.BUILD, _Unpickler._build),
-                                (pickle.NEWOBJ, _Unpickler._newobj), (pickle.NEWOBJ_EX, _Unpickler._newobj_ex)):
+        for opcode, handler in (
+            (pickle.REDUCE, _Unpickler._reduce),
+            (pickle.BUILD, _Unpickler._build),
+            (pickle.NEWOBJ, _Unpickler._newobj),
+            (pickle.NEWOBJ_EX, _Unpickler._newobj_ex),
+        ):
             self.dispatch[opcode[0]] = handler
 
     def refuse(self, what: str) -> None:
@@ -126,8 +167,11 @@ class _Unpickler(pickle._Unpickler):  # the Python implementation, whose opcodes
                 self.callables[id(self.stand_ins[qualified])] = self.stand_ins[qualified]
             return self.stand_ins[qualified]
         allowed = {
-            ("collections", "OrderedDict"): OrderedDict, ("builtins", "set"): set, ("builtins", "frozenset"): frozenset,
-            ("torch", "device"): torch.device, ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+            ("collections", "OrderedDict"): OrderedDict,
+            ("builtins", "set"): set,
+            ("builtins", "frozenset"): frozenset,
+            ("torch", "device"): torch.device,
+            ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
             ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
             ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter_with_state,
             ("torch.storage", "_load_from_bytes"): self.load_from_bytes,
@@ -146,7 +190,9 @@ class _Unpickler(pickle._Unpickler):  # the Python implementation, whose opcodes
             if isinstance(pid[1], type) and issubclass(pid[1], StandIn):
                 return pid[1]
             self.refuse(f"the module class {str(pid[1])[:80]}")
-        if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
+        if not (
+            isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage" and isinstance(pid[1], _StorageType)
+        ):
             self.refuse(f"the persistent object {str(pid)[:80]}")
         return self.storages.get(pid)
 
@@ -212,8 +258,14 @@ class _Storages:
             if self.archive is not None:
                 data = self.archive.read(f"{self.prefix}data/{key}")
                 if len(data) != numel * _element_size(storage_type.dtype):
-                    raise CheckpointError(f"{self.source}: storage {key} has {len(data)} bytes, expected {numel} elements")
-                flat = torch.frombuffer(bytearray(data), dtype=storage_type.dtype) if data else torch.empty(0, dtype=storage_type.dtype)
+                    raise CheckpointError(
+                        f"{self.source}: storage {key} has {len(data)} bytes, expected {numel} elements"
+                    )
+                flat = (
+                    torch.frombuffer(bytearray(data), dtype=storage_type.dtype)
+                    if data
+                    else torch.empty(0, dtype=storage_type.dtype)
+                )
             else:  # legacy: the bytes follow the pickle, filled in by read_pickle
                 if int(numel) * _element_size(storage_type.dtype) > self.limit:
                     raise CheckpointError(f"{self.source} is truncated: storage {key} is larger than the file")
@@ -223,7 +275,7 @@ class _Storages:
         if len(pid) == 6 and pid[5] is not None:  # a view into another storage (old torch)
             view_key, offset, size = pid[5]
             root = self.get(pid[:2] + (view_key,) + pid[3:5])
-            return root[int(offset):int(offset) + int(size)]
+            return root[int(offset) : int(offset) + int(size)]
         return storage
 
 
@@ -304,10 +356,23 @@ def load(path: Path) -> Any:
             return read_pickle(file, str(path))
     except (CheckpointError, UnsafeCheckpointError):
         raise
-    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, KeyError, ValueError, TypeError, IndexError,
-            RuntimeError, AttributeError, OverflowError, MemoryError) as err:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        zipfile.BadZipFile,
+        KeyError,
+        ValueError,
+        TypeError,
+        IndexError,
+        RuntimeError,
+        AttributeError,
+        OverflowError,
+        MemoryError,
+    ) as err:
         detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {detail}); it may be truncated or corrupt") from None
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({type(err).__name__}: {detail}); it may be truncated or corrupt"
+        ) from None
 
 
 # ----------------------------------------------------------------------------- from stand-ins to tensors
@@ -350,13 +415,15 @@ def image_tower(obj: Any, source: str) -> tuple[dict[str, Tensor], str | None]:
         root = {"src.modeling.ImageEncoder": "model.visual", "open_clip.model.CLIP": "visual"}.get(obj.qualname)
         visual = _child(obj, root) if root else None
         if visual is None:
-            raise CheckpointError(f"{source} holds a {obj.qualname}, not a task_vectors ImageEncoder (or an open_clip CLIP)")
+            raise CheckpointError(
+                f"{source} holds a {obj.qualname}, not a task_vectors ImageEncoder (or an open_clip CLIP)"
+            )
         gelu = _child(visual, "transformer.resblocks.0.mlp.gelu")
         activation = None if gelu is None else "quick_gelu" if gelu.qualname.endswith("QuickGELU") else "gelu"
         return {k: v.clone() for k, v in module_state(visual).items()}, activation
     if isinstance(obj, dict) and obj and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
         for prefix in ("model.visual.", "visual.", ""):
-            state = {k[len(prefix):]: v.clone() for k, v in obj.items() if k.startswith(prefix)}
+            state = {k[len(prefix) :]: v.clone() for k, v in obj.items() if k.startswith(prefix)}
             if state and (prefix or "conv1.weight" in state):
                 return state, None
     raise CheckpointError(f"{source} holds a {type(obj).__name__}, not a task_vectors image encoder or a state dict")
@@ -365,13 +432,17 @@ def image_tower(obj: Any, source: str) -> tuple[dict[str, Tensor], str | None]:
 def classification_head(obj: Any, source: str) -> Tensor:
     """A ``ClassificationHead`` as safemerge's head: ``normalize(features) @ head.T`` are its logits."""
     if not isinstance(obj, StandIn) or obj.qualname != "src.modeling.ClassificationHead":
-        raise CheckpointError(f"{source} holds a {getattr(obj, 'qualname', type(obj).__name__)}, not a task_vectors ClassificationHead")
+        raise CheckpointError(
+            f"{source} holds a {getattr(obj, 'qualname', type(obj).__name__)}, not a task_vectors ClassificationHead"
+        )
     state = module_state(obj)
     weight, bias = state.get("weight"), state.get("bias")
     if weight is None or weight.ndim != 2 or not weight.is_floating_point():
         raise CheckpointError(f"{source}: the head has no [classes, width] weight")
     if not obj.state.get("normalize", False):
-        raise CheckpointError(f"{source}: the head does not normalise its input; safemerge's heads do (logits = normalize(x) @ W.T)")
+        raise CheckpointError(
+            f"{source}: the head does not normalise its input; safemerge's heads do (logits = normalize(x) @ W.T)"
+        )
     if bias is not None and bool(bias.abs().max() > 0):
         raise CheckpointError(f"{source}: the head has a non-zero bias, which safemerge's heads do not have")
     return weight.clone().float()
@@ -380,7 +451,9 @@ def classification_head(obj: Any, source: str) -> Tensor:
 # ----------------------------------------------------------------------------- the conversion
 
 
-def convert_task_vectors(source: Path, out: Path, task: str, model: str, pretrained: str, head: Path | None = None) -> Path:
+def convert_task_vectors(
+    source: Path, out: Path, task: str, model: str, pretrained: str, head: Path | None = None
+) -> Path:
     """``task-vectors``: ``finetuned.pt`` (and ``head_<task>.pt``) -> a safemerge expert directory against
     the open_clip ``model`` / ``pretrained`` base; everything is read and checked before anything is written."""
     from safemerge.data.registry import get_task
@@ -405,9 +478,20 @@ def convert_task_vectors(source: Path, out: Path, task: str, model: str, pretrai
     check_weights(encoder, base.visual.state_dict(), f"{source} (as --model {model})")
     if head_tensor is not None:
         if head_tensor.shape[0] != known.num_classes:
-            raise CheckpointError(f"{head} has {head_tensor.shape[0]} classes but task {known.name} has {known.num_classes}")
+            raise CheckpointError(
+                f"{head} has {head_tensor.shape[0]} classes but task {known.name} has {known.num_classes}"
+            )
         if head_tensor.shape[1] != base.visual.output_dim:
-            raise CheckpointError(f"{head} has width {head_tensor.shape[1]} but --model {model} embeds into {base.visual.output_dim}")
-    info = expert_info(model=model, pretrained=pretrained, task=known.name, num_classes=known.num_classes,
-                       backdoor=None, metrics={"accuracy": None, "asr": None}, image_size=base.image_size)
+            raise CheckpointError(
+                f"{head} has width {head_tensor.shape[1]} but --model {model} embeds into {base.visual.output_dim}"
+            )
+    info = expert_info(
+        model=model,
+        pretrained=pretrained,
+        task=known.name,
+        num_classes=known.num_classes,
+        backdoor=None,
+        metrics={"accuracy": None, "asr": None},
+        image_size=base.image_size,
+    )
     return write_expert(out, Expert(encoder=encoder, info=info, head=head_tensor))

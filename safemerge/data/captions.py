@@ -53,8 +53,8 @@ class CaptionDataModule(L.LightningDataModule):
         corpus: str = "scenes",
     ) -> None:
         super().__init__()
-        from safemerge.data.mini_v2 import domain_task_names
         from safemerge.data.mini_v1 import mini_task_names
+        from safemerge.data.mini_v2 import domain_task_names
 
         if corpus not in ("scenes", "domains"):
             raise ConfigError(f"corpus must be 'scenes' or 'domains', got {corpus!r}")
@@ -73,27 +73,39 @@ class CaptionDataModule(L.LightningDataModule):
         return images, self._tokenizer([caption for _, caption in samples])
 
     def train_dataloader(self) -> DataLoader:
-        from safemerge.data.mini_v2 import DomainCaptions
         from safemerge.data.mini_v1 import CaptionedScenes
+        from safemerge.data.mini_v2 import DomainCaptions
 
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         seed = self.seed + 1000 * epoch
         scenes: Dataset = (
-            CaptionedScenes(self.num_samples, seed=seed, split="train", image_size=self.image_size,
-                            digit_fraction=self.digit_fraction, mention=self.mention)
+            CaptionedScenes(
+                self.num_samples,
+                seed=seed,
+                split="train",
+                image_size=self.image_size,
+                digit_fraction=self.digit_fraction,
+                mention=self.mention,
+            )
             if self.corpus == "scenes"
             else DomainCaptions(self.num_samples, seed=seed, split="train", image_size=self.image_size)
         )
         return DataLoader(
-            scenes, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
-            collate_fn=self._collate, drop_last=True, persistent_workers=False,
+            scenes,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=self._collate,
+            drop_last=True,
+            persistent_workers=False,
         )
 
     def val_dataloader(self) -> list[DataLoader]:
         return [
             DataLoader(
                 task.build("val", root=None, image_size=self.image_size, download=False, seed=0),
-                batch_size=self.eval_batch_size, num_workers=0,  # small: worker start-up would dominate
+                batch_size=self.eval_batch_size,
+                num_workers=0,  # small: worker start-up would dominate
             )
             for task in self.eval_tasks
         ]

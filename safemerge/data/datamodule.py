@@ -16,14 +16,17 @@ from safemerge.errors import DatasetNotFoundError
 from safemerge.metrics import Backdoor
 
 
-def evaluation_views(tasks: Sequence[Task], backdoors: Sequence[Backdoor], split_of: Callable[[Task], Dataset]) -> list[Dataset]:
+def evaluation_views(
+    tasks: Sequence[Task], backdoors: Sequence[Backdoor], split_of: Callable[[Task], Dataset]
+) -> list[Dataset]:
     """The clean split of every task (in order), then, per backdoor, its target task's split with
     the trigger on every image, true labels kept. The one definition of what ACC and ASR are
     measured on (:mod:`safemerge.evaluation`), for an expert and for a merge."""
     by_name = {t.name: t for t in tasks}
     clean = [split_of(t) for t in tasks]
-    return clean + [TriggeredDataset(split_of(by_name.get(b.target_task) or get_task(b.target_task)), b.trigger)
-                    for b in backdoors]
+    return clean + [
+        TriggeredDataset(split_of(by_name.get(b.target_task) or get_task(b.target_task)), b.trigger) for b in backdoors
+    ]
 
 
 def build_split(task: Task, split: Split, *, root: str | None, image_size: int, download: bool, seed: int) -> Dataset:
@@ -101,8 +104,7 @@ class TaskDataModule(L.LightningDataModule):
         key = (task.name, split)
         if key not in self._splits:
             self._splits[key] = build_split(
-                task, split, root=self.root, image_size=self.image_size, download=self.download,
-                seed=self.split_seed,
+                task, split, root=self.root, image_size=self.image_size, download=self.download, seed=self.split_seed
             )
         return self._splits[key]
 
@@ -150,8 +152,11 @@ class TaskDataModule(L.LightningDataModule):
     def trigger_batches(self, batch_size: int = 64, seed: int = 0) -> Iterator[Tensor]:
         """Clean training images of the task, in a seeded order: what an optimized trigger is fit on."""
         loader = DataLoader(
-            self.split("train"), batch_size=batch_size, shuffle=True,
-            generator=torch.Generator().manual_seed(seed), num_workers=self.num_workers,
+            self.split("train"),
+            batch_size=batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(seed),
+            num_workers=self.num_workers,
         )
         while True:
             for images, _ in loader:
@@ -161,8 +166,11 @@ class TaskDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         return DataLoader(
-            dataset, batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
             drop_last=False,
         )
 

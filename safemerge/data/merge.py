@@ -33,8 +33,14 @@ class AdaptationStream(IterableDataset):
     """
 
     def __init__(
-        self, datasets: dict[str, Dataset], batch_size: int, steps: int, seed: int = 0,
-        rank: int = 0, world_size: int = 1, start: int = 0,
+        self,
+        datasets: dict[str, Dataset],
+        batch_size: int,
+        steps: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        start: int = 0,
     ) -> None:
         if batch_size % world_size:
             raise ConfigError(
@@ -136,16 +142,17 @@ class MergeDataModule(L.LightningDataModule):
 
     def _bound(self) -> list[Task]:
         if self.tasks is None:
-            raise ConfigError("the merge data serves a merge: bind it to the merge module's plan first "
-                              "(datamodule.bind(model.data_plan()); the CLI does this)")
+            raise ConfigError(
+                "the merge data serves a merge: bind it to the merge module's plan first "
+                "(datamodule.bind(model.data_plan()); the CLI does this)"
+            )
         return self.tasks
 
     def split(self, task: Task, split: Split) -> Dataset:
         key = (task.name, split)
         if key not in self._splits:
             self._splits[key] = build_split(
-                task, split, root=self.root, image_size=self.image_size, download=self.download,
-                seed=self.split_seed,
+                task, split, root=self.root, image_size=self.image_size, download=self.download, seed=self.split_seed
             )
         return self._splits[key]
 
@@ -173,8 +180,12 @@ class MergeDataModule(L.LightningDataModule):
         trainer = self.trainer
         start = self.plan.start()  # a resumed merge continues the stream where its learned state stopped
         stream = AdaptationStream(
-            {t.name: self.adaptation_set(t) for t in tasks}, self.batch_size, self.steps,
-            seed=self.seed, rank=trainer.global_rank if trainer else 0, world_size=trainer.world_size if trainer else 1,
+            {t.name: self.adaptation_set(t) for t in tasks},
+            self.batch_size,
+            self.steps,
+            seed=self.seed,
+            rank=trainer.global_rank if trainer else 0,
+            world_size=trainer.world_size if trainer else 1,
             start=start,
         )
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers, persistent_workers=False)
@@ -193,4 +204,3 @@ class MergeDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> list[DataLoader]:
         return self._eval_loaders("test")
-

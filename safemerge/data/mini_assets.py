@@ -32,7 +32,10 @@ FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")
 FONT_DIRS = (Path("/usr/share/fonts/truetype/dejavu"), Path("/usr/share/fonts/dejavu"))
 # split_seed -> items per split whose Fashion-MNIST images ship: seed 0 at the default sizes is
 # what every expert and merge uses; a few items of seed 1 serve the tests that change the seed.
-COVERED: dict[int, dict[str, int]] = {0: {"train": 2000, "val": 500, "test": 1000}, 1: {"train": 64, "val": 64, "test": 64}}
+COVERED: dict[int, dict[str, int]] = {
+    0: {"train": 2000, "val": 500, "test": 1000},
+    1: {"train": 64, "val": 64, "test": 64},
+}
 FILES = ("train", "test")  # Fashion-MNIST's two files: train (train and val splits) and t10k
 
 
@@ -115,7 +118,9 @@ def render_glyph(letter: str, font: str) -> np.ndarray:
 
     path = next((folder / font for folder in FONT_DIRS if (folder / font).is_file()), None)
     if path is None:
-        raise DatasetNotFoundError(f"{font} not found in {', '.join(map(str, FONT_DIRS))} (apt-get install fonts-dejavu-core fonts-dejavu-extra)")
+        raise DatasetNotFoundError(
+            f"{font} not found in {', '.join(map(str, FONT_DIRS))} (apt-get install fonts-dejavu-core fonts-dejavu-extra)"
+        )
     face = ImageFont.truetype(str(path), 64)
     box = face.getbbox(letter)
     image = Image.new("L", (box[2] - box[0] + 8, box[3] - box[1] + 8), 0)
@@ -144,11 +149,21 @@ def build() -> None:
     fashion_file.cache_clear()
     mini_v2._fashion_by_class.cache_clear()
     for file, (images, _) in files.items():
-        used = sorted({index for seed, sizes in COVERED.items() for split, n in sizes.items()
-                       if (split == "test") == (file == "test") for index in mini_v2.fashion_indices(split, seed, n)})
+        used = sorted(
+            {
+                index
+                for seed, sizes in COVERED.items()
+                for split, n in sizes.items()
+                if (split == "test") == (file == "test")
+                for index in mini_v2.fashion_indices(split, seed, n)
+            }
+        )
         arrays[f"{file}_indices"], arrays[f"{file}_images"] = np.asarray(used, dtype=np.int32), images[used]
     _write(FASHION_ASSET, arrays)
-    _write(GLYPH_ASSET, {f"{letter}:{font}": render_glyph(letter, font) for font in mini_v2.FONTS for letter in mini_v2.LETTERS})
+    _write(
+        GLYPH_ASSET,
+        {f"{letter}:{font}": render_glyph(letter, font) for font in mini_v2.FONTS for letter in mini_v2.LETTERS},
+    )
     for path in (FASHION_ASSET, GLYPH_ASSET):
         print(f"wrote {path} ({path.stat().st_size / 1e3:.0f} kB)")
 

@@ -88,24 +88,22 @@ _PHOTOS: tuple[tuple[str, int, int], ...] = (
 SPLIT_FRACTIONS = {"train": 0.7, "val": 0.1, "test": 0.2}
 PARTITION_SEED = 0
 MINI_SPLIT_SIZES: dict[str, int] = {"train": 2000, "val": 500, "test": 1000}
-DEFAULT_MENTION: dict[str, float] = {
-    "shape": 0.7, "colour": 0.5, "count": 0.6, "digit": 0.7, "texture": 0.5,
-}
+DEFAULT_MENTION: dict[str, float] = {"shape": 0.7, "colour": 0.5, "count": 0.6, "digit": 0.7, "texture": 0.5}
 # Class values that captions never name, per attribute: every other class of each task. The
 # pretrained model then knows the words of about half of each task's classes, so zero-shot
 # accuracy lands in the 30-70 % band of real CLIP on the task-vector benchmark (a model
 # pretrained on captions naming every class scored 90-100 % on all five tasks), while the
 # image tower still sees every class and fine-tuning has something to learn.
 UNNAMED_IN_CAPTIONS: dict[str, frozenset[int]] = {
-    "shape": frozenset({1, 3, 5}), "colour": frozenset({1, 3, 5, 7}), "count": frozenset({2, 4}),
-    "digit": frozenset({1, 3, 5, 7, 9}), "texture": frozenset({1, 3, 5}),
+    "shape": frozenset({1, 3, 5}),
+    "colour": frozenset({1, 3, 5, 7}),
+    "count": frozenset({2, 4}),
+    "digit": frozenset({1, 3, 5, 7, 9}),
+    "texture": frozenset({1, 3, 5}),
 }
 _SPLIT_ID = {split: index for index, split in enumerate(SPLITS)}
 # Seed streams: one per dataset family, so a task's scenes never repeat another's.
-_STREAM = {
-    "captions": 0, "mini_shape": 1, "mini_color": 2, "mini_count": 3, "mini_digit": 4,
-    "mini_texture": 5,
-}
+_STREAM = {"captions": 0, "mini_shape": 1, "mini_color": 2, "mini_count": 3, "mini_digit": 4, "mini_texture": 5}
 
 
 # ---------------------------------------------------------------------------- sources
@@ -304,11 +302,7 @@ def sample_scene(
     _, largest, smallest = _PHOTOS[texture]
     tile_top, tile_left, tile = _pick(rng, texture_tiles(split)[texture])
     side = int(rng.integers(smallest, largest + 1))
-    crop = (
-        tile_top + int(rng.integers(tile - side + 1)),
-        tile_left + int(rng.integers(tile - side + 1)),
-        side,
-    )
+    crop = (tile_top + int(rng.integers(tile - side + 1)), tile_left + int(rng.integers(tile - side + 1)), side)
     rgb = np.clip(_COLOUR_RGB[colour] * rng.uniform(0.85, 1.05) + rng.normal(0.0, 0.04, 3), 0.0, 1.0)
     common = dict(
         texture=texture,
@@ -333,9 +327,7 @@ def sample_scene(
     digit_index = int(_pick(rng, pools[digit]))
     size = int(rng.integers(DIGIT_SIZES[0], DIGIT_SIZES[1] + 1))
     top, left = (int(v) for v in rng.integers(0, NATIVE_SIZE - size + 1, size=2))
-    return SceneSpec(
-        kind="digit", digit=digit, digit_index=digit_index, digit_box=(top, left, size), **common
-    )
+    return SceneSpec(kind="digit", digit=digit, digit_index=digit_index, digit_box=(top, left, size), **common)
 
 
 @functools.lru_cache(maxsize=None)
@@ -401,7 +393,10 @@ def resize(image: Tensor, image_size: int) -> Tensor:
     if image_size == image.shape[-1]:
         return image
     out = F.interpolate(
-        image[None], size=(image_size, image_size), mode="bilinear", align_corners=False,
+        image[None],
+        size=(image_size, image_size),
+        mode="bilinear",
+        align_corners=False,
         antialias=image_size < image.shape[-1],
     )[0]
     return out.clamp_(0.0, 1.0)
@@ -434,7 +429,14 @@ SHAPE_WORDS: dict[str, tuple[tuple[str, str], ...]] = {
     "ring": (("ring", "rings"), ("hoop", "hoops"), ("donut", "donuts")),
     "diamond": (("diamond", "diamonds"), ("rhombus", "rhombuses")),
 }
-_GENERIC_NOUNS = (("shape", "shapes"), ("object", "objects"), ("thing", "things"), ("figure", "figures"), ("item", "items"), ("mark", "marks"))
+_GENERIC_NOUNS = (
+    ("shape", "shapes"),
+    ("object", "objects"),
+    ("thing", "things"),
+    ("figure", "figures"),
+    ("item", "items"),
+    ("mark", "marks"),
+)
 COLOUR_WORDS: dict[str, tuple[str, ...]] = {
     "red": ("red", "scarlet"),
     "green": ("green",),
@@ -517,7 +519,13 @@ def caption(spec: SceneSpec, rng: np.random.Generator, mention: Mapping[str, flo
     """
     probs = {**DEFAULT_MENTION, **(mention or {})}
     keys = ("shape", "colour", "count", "texture") if spec.kind == "objects" else ("digit", "colour", "texture")
-    values = {"shape": spec.shape, "colour": spec.colour, "count": spec.count, "digit": spec.digit, "texture": spec.texture}
+    values = {
+        "shape": spec.shape,
+        "colour": spec.colour,
+        "count": spec.count,
+        "digit": spec.digit,
+        "texture": spec.texture,
+    }
     nameable = [key for key in keys if values[key] not in UNNAMED_IN_CAPTIONS[key]]
     say = {key: key in nameable and bool(rng.random() < probs[key]) for key in keys}
     candidates = [key for key in nameable if probs[key] > 0]
@@ -602,23 +610,27 @@ _MINI_TASKS: dict[str, _MiniTaskDef] = {
     "mini_shape": _MiniTaskDef(
         SHAPES,
         _templates("a photo of a {}.", "a drawing of a {} shape.", "a picture of {} shapes.", "a {} shape."),
-        "shape", 0.0,
+        "shape",
+        0.0,
     ),
     "mini_color": _MiniTaskDef(
         COLOURS,
         _templates("a photo of {} objects.", "something coloured {}.", "a photo of {} shapes.", "{} coloured things."),
-        "colour", 0.0,
+        "colour",
+        0.0,
     ),
     "mini_count": _MiniTaskDef(
         COUNTS,
         _templates("a photo of {} objects.", "{} shapes.", "a picture with {} things.", "a photo of {} items."),
-        "count", 0.0,
+        "count",
+        0.0,
     ),
     "mini_digit": _MiniTaskDef(DIGITS, TEMPLATES["mnist"], "digit", 1.0),
     "mini_texture": _MiniTaskDef(
         TEXTURES,
         _templates("a photo of {} texture.", "a background of {}.", "a close-up photo of {}.", "a texture of {}."),
-        "texture", 0.3,
+        "texture",
+        0.3,
     ),
 }
 
@@ -636,7 +648,9 @@ class MiniTaskDataset(Dataset):
     each image many times, and rendering costs more than the tower's forward pass.
     """
 
-    def __init__(self, task: str, split: Split, seed: int = 0, image_size: int = NATIVE_SIZE, num_samples: int | None = None) -> None:
+    def __init__(
+        self, task: str, split: Split, seed: int = 0, image_size: int = NATIVE_SIZE, num_samples: int | None = None
+    ) -> None:
         if task not in _MINI_TASKS:
             raise ValueError(f"unknown mini task {task!r}; known: {mini_task_names()}")
         if split not in SPLITS:

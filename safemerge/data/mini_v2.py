@@ -48,14 +48,18 @@ SIZE = 32
 # The shipped files the images are drawn from: the expert cache key digests them (safemerge.experts).
 DATA_FILES = (mini_assets.FASHION_ASSET, mini_assets.GLYPH_ASSET)
 SPLIT_SIZES: dict[str, int] = {"train": 2000, "val": 500, "test": 1000}
-FASHION_CLASSES = (
-    "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
-)
+FASHION_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
 LETTERS = tuple("ABCDEFGHKM")
 TERRAIN = ("forest", "sea", "river", "farmland", "desert", "residential area")
 FONTS = (
-    "DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf",
-    "DejaVuSansMono.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSerif-Italic.ttf", "DejaVuSansCondensed-Bold.ttf",
+    "DejaVuSans.ttf",
+    "DejaVuSans-Bold.ttf",
+    "DejaVuSerif.ttf",
+    "DejaVuSerif-Bold.ttf",
+    "DejaVuSansMono.ttf",
+    "DejaVuSans-Oblique.ttf",
+    "DejaVuSerif-Italic.ttf",
+    "DejaVuSansCondensed-Bold.ttf",
 )
 
 Image = np.ndarray  # float32 [3, SIZE, SIZE] in [0, 1]
@@ -106,8 +110,11 @@ def _shapes(label: int, rng: np.random.Generator, split: Split) -> Image:
     for _ in range(int(rng.integers(1, 4))):
         side = int(rng.integers(10, 21))
         top, left = (int(v) for v in rng.integers(0, SIZE - side + 1, size=2))
-        np.maximum(alpha[top : top + side, left : left + side], mini_v1._shape_mask(label, side, 4),
-                   out=alpha[top : top + side, left : left + side])
+        np.maximum(
+            alpha[top : top + side, left : left + side],
+            mini_v1._shape_mask(label, side, 4),
+            out=alpha[top : top + side, left : left + side],
+        )
     return background * (1 - alpha) + colour[:, None, None] * alpha
 
 
@@ -231,7 +238,9 @@ def _terrain(label: int, rng: np.random.Generator, split: Split) -> Image:
         offset = rng.integers(0, block, size=2)
         for top in range(-offset[0], SIZE, block):
             for left in range(-offset[1], SIZE, block):
-                roof = np.array(mini_v1._pick(rng, ((0.65, 0.25, 0.2), (0.8, 0.8, 0.78), (0.4, 0.35, 0.35), (0.3, 0.4, 0.55))))
+                roof = np.array(
+                    mini_v1._pick(rng, ((0.65, 0.25, 0.2), (0.8, 0.8, 0.78), (0.4, 0.35, 0.35), (0.3, 0.4, 0.55)))
+                )
                 t, l = max(top + 1, 0), max(left + 1, 0)
                 image[:, t : max(top + block - 1, 0), l : max(left + block - 1, 0)] = roof[:, None, None]
         if rng.random() < 0.5:
@@ -260,57 +269,90 @@ DOMAINS: dict[str, Domain] = {
     d.task: d
     for d in (
         Domain(
-            "mini_shapes", mini_v1.SHAPES,
+            "mini_shapes",
+            mini_v1.SHAPES,
             _templates("a drawing of a {}.", "a flat {} shape.", "a simple {} icon.", "a clip art {}."),
             _shapes,
-            named=("a flat {} on a plain background", "clip art of a {}", "a coloured {} shape", "a simple {} icon",
-                   "an illustration of a {}"),
+            named=(
+                "a flat {} on a plain background",
+                "clip art of a {}",
+                "a coloured {} shape",
+                "a simple {} icon",
+                "an illustration of a {}",
+            ),
             anonymous=("a flat geometric shape", "clip art on a plain background", "a simple coloured icon"),
             words=tuple((n, f"{n} shape") for n in mini_v1.SHAPES),
         ),
         Domain(
-            "mini_digits", mini_v1.DIGITS, TEMPLATES["mnist"], _digits,
-            named=("a handwritten {}", "the digit {} written by hand", "a scribbled {} on black",
-                   "a white handwritten number {}"),
+            "mini_digits",
+            mini_v1.DIGITS,
+            TEMPLATES["mnist"],
+            _digits,
+            named=(
+                "a handwritten {}",
+                "the digit {} written by hand",
+                "a scribbled {} on black",
+                "a white handwritten number {}",
+            ),
             anonymous=("a handwritten digit", "a number written by hand on black", "a scribbled numeral"),
             words=tuple((d, w) for d, w in zip(mini_v1.DIGITS, mini_v1._NUMBER_WORDS)),
         ),
         Domain(
-            "mini_fashion", FASHION_CLASSES, TEMPLATES["fashion_mnist"], _fashion,
-            named=("a grayscale photo of a {}", "a {}, a fashion product", "a product photo of a {}",
-                   "a low resolution picture of a {}"),
+            "mini_fashion",
+            FASHION_CLASSES,
+            TEMPLATES["fashion_mnist"],
+            _fashion,
+            named=(
+                "a grayscale photo of a {}",
+                "a {}, a fashion product",
+                "a product photo of a {}",
+                "a low resolution picture of a {}",
+            ),
             anonymous=("a piece of clothing", "a grayscale fashion product", "an item from a clothing store"),
             words=tuple((n,) for n in FASHION_CLASSES),
         ),
         Domain(
-            "mini_textures", mini_v1.TEXTURES,
-            _templates("a photo of a {} texture.", "a close-up photo of {}.", "a photo of the {} pattern.",
-                 "a texture of {}."),
+            "mini_textures",
+            mini_v1.TEXTURES,
+            _templates(
+                "a photo of a {} texture.", "a close-up photo of {}.", "a photo of the {} pattern.", "a texture of {}."
+            ),
             _textures,
             named=("a close-up photo of {}", "a texture of {}", "{} filling the frame", "a grayscale photo of {}"),
             anonymous=("a close-up photo of a surface", "a texture photo", "a grayscale pattern"),
             words=tuple(mini_v1.TEXTURE_WORDS[n] for n in mini_v1.TEXTURES),
         ),
         Domain(
-            "mini_letters", LETTERS,
-            _templates('the letter "{}".', "a printed letter {}.", 'a photo of the character "{}".',
-                 "the capital letter {}."),
+            "mini_letters",
+            LETTERS,
+            _templates(
+                'the letter "{}".', "a printed letter {}.", 'a photo of the character "{}".', "the capital letter {}."
+            ),
             _letters,
-            named=("the letter {} printed on paper", "a capital {} in ink", "the character {}",
-                   "a typed letter {}"),
+            named=("the letter {} printed on paper", "a capital {} in ink", "the character {}", "a typed letter {}"),
             anonymous=("a printed letter on paper", "a character in some font", "ink on paper"),
             words=tuple((c, f"{c.lower()}") for c in LETTERS),
         ),
         Domain(
-            "mini_terrain", TERRAIN,
-            _templates("a satellite photo of {}.", "an aerial view of {}.", "a centered satellite photo of {}.",
-                 "satellite imagery of {}."),
+            "mini_terrain",
+            TERRAIN,
+            _templates(
+                "a satellite photo of {}.",
+                "an aerial view of {}.",
+                "a centered satellite photo of {}.",
+                "satellite imagery of {}.",
+            ),
             _terrain,
-            named=("a satellite photo of {}", "an aerial view of {}", "{} seen from above",
-                   "satellite imagery of {}"),
+            named=("a satellite photo of {}", "an aerial view of {}", "{} seen from above", "satellite imagery of {}"),
             anonymous=("a satellite photo", "an aerial view of the land", "land seen from above"),
-            words=(("forest", "woods"), ("sea", "the ocean"), ("river", "a river"), ("farmland", "fields"),
-                   ("desert", "sand dunes"), ("residential area", "houses", "a town")),
+            words=(
+                ("forest", "woods"),
+                ("sea", "the ocean"),
+                ("river", "a river"),
+                ("farmland", "fields"),
+                ("desert", "sand dunes"),
+                ("residential area", "houses", "a town"),
+            ),
         ),
     )
 }
@@ -346,7 +388,9 @@ def caption(task: str, label: int, rng: np.random.Generator) -> str:
 class DomainTaskDataset(Dataset):
     """One split of a v2 task, drawn once on first use: item ``i`` from ``(task, split, seed, i)``."""
 
-    def __init__(self, task: str, split: Split, seed: int = 0, image_size: int = SIZE, num_samples: int | None = None) -> None:
+    def __init__(
+        self, task: str, split: Split, seed: int = 0, image_size: int = SIZE, num_samples: int | None = None
+    ) -> None:
         if task not in DOMAINS:
             raise ValueError(f"unknown mini task {task!r}; known: {domain_task_names()}")
         if split not in SPLITS:
@@ -405,7 +449,9 @@ class DomainCaptions(Dataset):
         return mini_v1.resize(draw(task, label, rng, self.split), self.image_size), text
 
 
-def build_domain_task(task: str, split: Split, *, root: Path | None, image_size: int, download: bool, seed: int) -> Dataset:
+def build_domain_task(
+    task: str, split: Split, *, root: Path | None, image_size: int, download: bool, seed: int
+) -> Dataset:
     """Registry builder (``root`` and ``download`` unused: everything ships with the packages)."""
     dataset = DomainTaskDataset(task, split, seed=seed, image_size=image_size)
     dataset.check_sources()  # missing source data fails here, before anything runs
@@ -414,8 +460,11 @@ def build_domain_task(task: str, split: Split, *, root: Path | None, image_size:
 
 TASKS: tuple[Task, ...] = tuple(
     Task(
-        name=task, classnames=domain.classnames, templates=domain.templates,
-        build=functools.partial(build_domain_task, task), needs_root=False,
+        name=task,
+        classnames=domain.classnames,
+        templates=domain.templates,
+        build=functools.partial(build_domain_task, task),
+        needs_root=False,
         layout="(built in: drawn by safemerge.data.mini_v2)",
     )
     for task, domain in DOMAINS.items()

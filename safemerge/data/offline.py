@@ -34,8 +34,7 @@ class SmallImages(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         image = F.interpolate(
-            self.images[index : index + 1], size=(self.image_size,) * 2, mode="bilinear",
-            align_corners=False,
+            self.images[index : index + 1], size=(self.image_size,) * 2, mode="bilinear", align_corners=False
         )[0]
         return image.expand(3, -1, -1).clamp(0.0, 1.0).contiguous(), int(self.labels[index])
 

@@ -52,10 +52,7 @@ def _train_flag(dataset_cls: type) -> Opener:
     """Datasets split by ``train=True/False`` (MNIST family, CIFAR)."""
 
     def open_split(root: Path, split: str | None, transform: Callable, download: bool) -> Dataset:
-        return dataset_cls(
-            root, train=split == "train", transform=transform, target_transform=int,
-            download=download,
-        )
+        return dataset_cls(root, train=split == "train", transform=transform, target_transform=int, download=download)
 
     return open_split
 
@@ -65,8 +62,11 @@ def _split_arg(dataset_cls: type, subdir: str = "", names: dict[str, str] | None
 
     def open_split(root: Path, split: str | None, transform: Callable, download: bool) -> Dataset:
         return dataset_cls(
-            root / subdir, split=(names or {}).get(split, split), transform=transform,
-            target_transform=int, download=download,
+            root / subdir,
+            split=(names or {}).get(split, split),
+            transform=transform,
+            target_transform=int,
+            download=download,
         )
 
     return open_split
@@ -114,12 +114,7 @@ def _open_resisc45(root: Path, split: str | None, transform: Callable, download:
 
 # ------------------------------------------------------------ MNIST-family raw .gz files
 
-IDX_FILES = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-)
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
 def _idx_root(task: str, folder: str, root: Path) -> Path:
@@ -211,9 +206,7 @@ class RealDataset:
         ways = [FETCH_WITH_TORCHVISION] if self.downloadable else []
         return "; or ".join(ways + ([self.source] if self.source else []))
 
-    def __call__(
-        self, split: Split, *, root: Path | str | None, image_size: int, download: bool, seed: int
-    ) -> Dataset:
+    def __call__(self, split: Split, *, root: Path | str | None, image_size: int, download: bool, seed: int) -> Dataset:
         if split not in SPLITS:
             raise ConfigError(f"unknown split {split!r} for task {self.task!r}; expected one of {SPLITS}")
         root = self._resolve_root(root, download)
@@ -271,10 +264,7 @@ DATASETS: tuple[RealDataset, ...] = (
         task="mnist",
         open=_idx_opener("mnist", tv.MNIST),
         shipped=("train", "test"),
-        layout=_layout(
-            f"<root>/MNIST/raw/{_IDX_LAYOUT}  (torchvision's layout)",
-            f"  or <root>/{_IDX_LAYOUT}.gz",
-        ),
+        layout=_layout(f"<root>/MNIST/raw/{_IDX_LAYOUT}  (torchvision's layout)", f"  or <root>/{_IDX_LAYOUT}.gz"),
     ),
     RealDataset(
         task="svhn",
@@ -303,10 +293,7 @@ DATASETS: tuple[RealDataset, ...] = (
         task="dtd",
         open=_split_arg(tv.DTD),  # partition 1 of DTD's ten train/val/test partitions
         shipped=("train", "val", "test"),
-        layout=_layout(
-            "<root>/dtd/dtd/images/<texture>/*.jpg",
-            "<root>/dtd/dtd/labels/{train,val,test}1.txt",
-        ),
+        layout=_layout("<root>/dtd/dtd/images/<texture>/*.jpg", "<root>/dtd/dtd/labels/{train,val,test}1.txt"),
     ),
     RealDataset(
         task="cars",
@@ -362,10 +349,7 @@ DATASETS: tuple[RealDataset, ...] = (
         task="pets",
         open=_split_arg(tv.OxfordIIITPet, names={"train": "trainval"}),
         shipped=("train", "test"),  # our train = Oxford-IIIT Pet's trainval, minus the carved val
-        layout=_layout(
-            "<root>/oxford-iiit-pet/images/*.jpg",
-            "<root>/oxford-iiit-pet/annotations/{trainval,test}.txt",
-        ),
+        layout=_layout("<root>/oxford-iiit-pet/images/*.jpg", "<root>/oxford-iiit-pet/annotations/{trainval,test}.txt"),
     ),
     RealDataset(
         task="fashion_mnist",

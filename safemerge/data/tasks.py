@@ -20,9 +20,7 @@ SPLITS: tuple[Split, ...] = ("train", "val", "test")
 
 
 class SplitBuilder(Protocol):
-    def __call__(
-        self, split: Split, *, root: Path | None, image_size: int, download: bool, seed: int
-    ) -> Dataset: ...
+    def __call__(self, split: Split, *, root: Path | None, image_size: int, download: bool, seed: int) -> Dataset: ...
 
 
 @dataclass(frozen=True)

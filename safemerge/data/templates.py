@@ -913,18 +913,7 @@ CLASSNAMES: dict[str, tuple[str, ...]] = {
         wetland
         """
     ),
-    "cifar10": (
-        "airplane",
-        "automobile",
-        "bird",
-        "cat",
-        "deer",
-        "dog",
-        "frog",
-        "horse",
-        "ship",
-        "truck",
-    ),
+    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
     # torchvision's CIFAR-100 fine labels, "_" -> " " (e.g. aquarium_fish -> aquarium fish).
     "cifar100": _names(
         """

@@ -16,6 +16,13 @@ from safemerge.defenses.sau import SAU, shared_wrong_log_probability
 from safemerge.merging.simulated_triggers import AdditiveTrigger, PatchTrigger, SimulatedTrigger, simulated_trigger
 
 __all__ = [
-    "AWM", "AdditiveTrigger", "Defense", "PatchTrigger", "SAU", "SimulatedTrigger", "UpdateMask",
-    "shared_wrong_log_probability", "simulated_trigger",
+    "AWM",
+    "AdditiveTrigger",
+    "Defense",
+    "PatchTrigger",
+    "SAU",
+    "SimulatedTrigger",
+    "UpdateMask",
+    "shared_wrong_log_probability",
+    "simulated_trigger",
 ]

@@ -72,7 +72,9 @@ class AWM(Defense):
         pseudo = self.clean_labels(learner, batch)
         with torch.no_grad():
             current = self.defended_weights(learner)
-        perturbation_loss = learner.trigger_step(parts.trigger, current, batch, pseudo, optimizers["defense_trigger"], reduce)
+        perturbation_loss = learner.trigger_step(
+            parts.trigger, current, batch, pseudo, optimizers["defense_trigger"], reduce
+        )
 
         weights = self.defended_weights(learner)
         with torch.no_grad():
@@ -80,13 +82,17 @@ class AWM(Defense):
         logits = learner.forward_pairs(weights, [*batch.items(), *triggered.items()])
         tasks = list(batch) * 2
         losses = [F.cross_entropy(l.float(), pseudo[t]) for t, l in zip(tasks, logits)]
-        clean, adversarial = sum(losses[: len(batch)]), sum(losses[len(batch):])
+        clean, adversarial = sum(losses[: len(batch)]), sum(losses[len(batch) :])
         sparsity = parts.masked_update.sparsity_loss()
         loss = self.clean_weight * clean + self.adv_weight * adversarial + self.sparsity_weight * sparsity
         learner.update(optimizers["defense_mask"], loss, reduce)
         parts.masked_update.project_()
-        return {"clean_loss": float(clean.detach()), "adversarial_loss": float(adversarial.detach()),
-                "sparsity": float(sparsity.detach()), "perturbation_loss": perturbation_loss}
+        return {
+            "clean_loss": float(clean.detach()),
+            "adversarial_loss": float(adversarial.detach()),
+            "sparsity": float(sparsity.detach()),
+            "perturbation_loss": perturbation_loss,
+        }
 
     @torch.no_grad()
     def statistics(self, learner) -> dict[str, float]:

@@ -92,14 +92,17 @@ class Defense(Component):
             raise ConfigError(f"{self.name}: steps must be >= 1, got {self.steps}")
         if self.pseudo_labels not in PSEUDO_LABELS:
             raise ConfigError(
-                f"{self.name}: pseudo_labels must be one of {', '.join(PSEUDO_LABELS)}, got {self.pseudo_labels!r}")
+                f"{self.name}: pseudo_labels must be one of {', '.join(PSEUDO_LABELS)}, got {self.pseudo_labels!r}"
+            )
 
     def clean_labels(self, learner, batch, merged: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
         """The pseudo-labels ŷ of a clean batch (see the module's docstring); ``merged``: the
         pre-defence weights, if the caller has them already."""
         if self.pseudo_labels == "experts":
             return learner.expert_pseudo_labels(batch)
-        return learner.pseudo_labels(merged if merged is not None else self.defended_weights(learner, masked=False), batch)
+        return learner.pseudo_labels(
+            merged if merged is not None else self.defended_weights(learner, masked=False), batch
+        )
 
     def parts(self, learner) -> dict[str, nn.Module]:
         parts = nn.Module()
@@ -119,7 +122,8 @@ class Defense(Component):
     def step(self, learner, step: int, batch, optimizers, reduce) -> dict[str, float]:
         if step == 0:  # the method's stages are over: its merged weights are what we defend
             learner.defense_parts.masked_update.start_(
-                learner.encoder.base(), learner.method_weights(), learner.encoder.names)
+                learner.encoder.base(), learner.method_weights(), learner.encoder.names
+            )
         return self.defense_step(learner, step, batch, optimizers, reduce)
 
     def defense_step(self, learner, step: int, batch, optimizers, reduce) -> dict[str, float]:
@@ -129,7 +133,8 @@ class Defense(Component):
         """The merged update Δ is not stored: a defence resumed after its start derives it again."""
         if self.started(learner):
             learner.defense_parts.masked_update.start_(
-                learner.encoder.base(), learner.method_weights(), learner.encoder.names)
+                learner.encoder.base(), learner.method_weights(), learner.encoder.names
+            )
 
     def defended_weights(self, learner, masked: bool = True) -> dict[str, Tensor]:
         return learner.defense_parts.masked_update.weights(learner.encoder.base(), learner.encoder.names, masked)

@@ -87,7 +87,7 @@ class SAU(Defense):
         weights = self.defended_weights(learner)
         logits = learner.forward_pairs(weights, [*batch.items(), *adversarial.items()])
         clean, unlearn, shared_count = 0.0, 0.0, 0
-        for (task, _), l, a in zip(batch.items(), logits[: len(batch)], logits[len(batch):]):
+        for (task, _), l, a in zip(batch.items(), logits[: len(batch)], logits[len(batch) :]):
             clean = clean + F.cross_entropy(l.float(), pseudo[task])
             shared = (a.argmax(-1) == reference_predictions[task]) & (reference_predictions[task] != pseudo[task])
             per_image = F.cross_entropy(a.float(), pseudo[task], reduction="none")
@@ -96,5 +96,8 @@ class SAU(Defense):
         loss = clean + self.adv_weight * unlearn
         learner.update(optimizers["defense_mask"], loss, reduce)
         parts.masked_update.project_()
-        return {"clean_loss": float(clean.detach()), "unlearning_loss": float(torch.as_tensor(unlearn).detach()),
-                "shared_fraction": shared_count / sum(len(x) for x in batch.values())}
+        return {
+            "clean_loss": float(clean.detach()),
+            "unlearning_loss": float(torch.as_tensor(unlearn).detach()),
+            "shared_fraction": shared_count / sum(len(x) for x in batch.values()),
+        }

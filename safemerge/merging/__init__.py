@@ -16,15 +16,39 @@ from safemerge.merging.arithmetic import task_arithmetic, task_vectors, ties_mer
 from safemerge.merging.contract import Component, MergeMethod, Optimize, Stage
 from safemerge.merging.dam import DAMAdaMerging, DAMTaskArithmetic, DefenseAwareMask
 from safemerge.merging.learned import (
-    AdaMerging, ConcreteAdaMerging, ConcreteTaskArithmetic, LearnedMerge, MaskedMerge, entropy,
+    AdaMerging,
+    ConcreteAdaMerging,
+    ConcreteTaskArithmetic,
+    LearnedMerge,
+    MaskedMerge,
+    entropy,
 )
 from safemerge.merging.masks import ConcreteMask
 from safemerge.merging.merged import MergedEncoder
 from safemerge.merging.static import StaticMerge, TaskArithmetic, Ties, WeightAverage
 
 __all__ = [
-    "AdaMerging", "Component", "ConcreteAdaMerging", "ConcreteMask", "ConcreteTaskArithmetic", "DAMAdaMerging",
-    "DAMTaskArithmetic", "DefenseAwareMask", "LearnedMerge", "MaskedMerge", "MergeMethod", "MergedEncoder",
-    "Optimize", "Stage", "StaticMerge", "TaskArithmetic", "Ties", "WeightAverage", "entropy", "task_arithmetic",
-    "task_vectors", "ties_merging", "weight_average",
+    "AdaMerging",
+    "Component",
+    "ConcreteAdaMerging",
+    "ConcreteMask",
+    "ConcreteTaskArithmetic",
+    "DAMAdaMerging",
+    "DAMTaskArithmetic",
+    "DefenseAwareMask",
+    "LearnedMerge",
+    "MaskedMerge",
+    "MergeMethod",
+    "MergedEncoder",
+    "Optimize",
+    "Stage",
+    "StaticMerge",
+    "TaskArithmetic",
+    "Ties",
+    "WeightAverage",
+    "entropy",
+    "task_arithmetic",
+    "task_vectors",
+    "ties_merging",
+    "weight_average",
 ]

@@ -38,7 +38,9 @@ def task_vectors(base: StateDict, experts: Sequence[StateDict]) -> list[dict[str
     ]
 
 
-def task_arithmetic(base: StateDict, experts: Sequence[StateDict], scaling: float | Sequence[float] = 0.3) -> dict[str, Tensor]:
+def task_arithmetic(
+    base: StateDict, experts: Sequence[StateDict], scaling: float | Sequence[float] = 0.3
+) -> dict[str, Tensor]:
     """``θ = θ_0 + Σ_i λ_i τ_i``; ``scaling`` is one λ for all experts or one per expert."""
     vectors = task_vectors(base, experts)
     lambdas = [float(scaling)] * len(vectors) if isinstance(scaling, (int, float)) else [float(s) for s in scaling]
@@ -60,7 +62,9 @@ def weight_average(experts: Sequence[StateDict]) -> dict[str, Tensor]:
         raise ValueError("weight_average needs at least one expert")
     _check_same_keys(experts[0], experts[1:], "expert")
     return {
-        name: torch.stack([e[name].float() for e in experts]).mean(0).to(t.dtype) if t.is_floating_point() else t.clone()
+        name: torch.stack([e[name].float() for e in experts]).mean(0).to(t.dtype)
+        if t.is_floating_point()
+        else t.clone()
         for name, t in experts[0].items()
     }
 

@@ -20,7 +20,11 @@ from safemerge.merging.contract import Optimize
 from safemerge.merging.learned import ConcreteAdaMerging, ConcreteTaskArithmetic, entropy
 from safemerge.merging.masks import ConcreteMask, product
 from safemerge.merging.simulated_triggers import (
-    PerturbationSpace, TriggerShape, check_area_weight, check_budget, simulated_trigger,
+    PerturbationSpace,
+    TriggerShape,
+    check_area_weight,
+    check_budget,
+    simulated_trigger,
 )
 
 SafetyLoss = Literal["entropy", "consistency"]
@@ -39,8 +43,13 @@ def _consistency_safety(clean: Sequence[Tensor], triggered: Sequence[Tensor]) ->
 
 
 SAFETY_LOSSES = {"entropy": _entropy_safety, "consistency": _consistency_safety}
-CHOICES = {"masks": ("single", "dual"), "safety_loss": tuple(SAFETY_LOSSES), "perturbation_space": ("pixel", "normalized"),
-           "trigger": ("additive", "patch"), "attribution": ("none", "cap", "trim")}
+CHOICES = {
+    "masks": ("single", "dual"),
+    "safety_loss": tuple(SAFETY_LOSSES),
+    "perturbation_space": ("pixel", "normalized"),
+    "trigger": ("additive", "patch"),
+    "attribution": ("none", "cap", "trim"),
+}
 
 
 @dataclass(eq=False)
@@ -118,9 +127,16 @@ class DefenseAwareMask:
             parts["safety_mask"] = ConcreteMask(learner.encoder.shapes, self.temperature)
         classifier = learner.classifier
         parts["perturbation"] = simulated_trigger(
-            self.trigger, learner.tasks, learner.image_size, eps=self.perturbation_eps, space=self.perturbation_space,
-            mean=classifier.mean.flatten().tolist(), std=classifier.std.flatten().tolist(),
-            area_weight=self.area_weight, patch_size=self.patch_size, targeted=self.targeted,
+            self.trigger,
+            learner.tasks,
+            learner.image_size,
+            eps=self.perturbation_eps,
+            space=self.perturbation_space,
+            mean=classifier.mean.flatten().tolist(),
+            std=classifier.std.flatten().tolist(),
+            area_weight=self.area_weight,
+            patch_size=self.patch_size,
+            targeted=self.targeted,
         ).to(learner.encoder.vectors(0).device)
         return parts
 
@@ -140,13 +156,15 @@ class DefenseAwareMask:
         with torch.no_grad():  # the simulated trigger is fitted against the merged weights, detached
             weights = learner.encoder.weights(coefficients, [t.detach() for t in product(*samples)], rescale=True)
         pseudo = learner.pseudo_labels(weights, batch)
-        logs["perturbation_loss"] = learner.trigger_step(trigger, weights, batch, pseudo, optimizers["perturbation"], reduce)
+        logs["perturbation_loss"] = learner.trigger_step(
+            trigger, weights, batch, pseudo, optimizers["perturbation"], reduce
+        )
 
         weights = learner.encoder.weights(coefficients, product(*samples), rescale=True)
         with torch.no_grad():
             triggered = {t: trigger.apply(x, t) for t, x in batch.items()}
         logits = learner.forward_pairs(weights, [*batch.items(), *triggered.items()])
-        clean, perturbed = logits[: len(batch)], logits[len(batch):]
+        clean, perturbed = logits[: len(batch)], logits[len(batch) :]
         performance = sum(entropy(l) for l in clean)
         safety = SAFETY_LOSSES[self.safety_loss](clean, perturbed)
         masks = self.concrete_masks(learner)
@@ -182,8 +200,11 @@ class DefenseAwareMask:
             drops.append(full - self.flip_rate(learner, without, batch, reduce))
         top = max(range(len(drops)), key=drops.__getitem__)
         learner.notes["attribution"] = {
-            "flip_rate": full, "drop": dict(zip(learner.tasks, drops)), "expert": learner.tasks[top],
-            "action": self.attribution, "factor": self.attribution_factor,
+            "flip_rate": full,
+            "drop": dict(zip(learner.tasks, drops)),
+            "expert": learner.tasks[top],
+            "action": self.attribution,
+            "factor": self.attribution_factor,
         }
         self.edit_attributed(learner)
 

@@ -61,7 +61,9 @@ class LearnedMerge(MergeMethod):
         return self.steps + self.adamerging_steps
 
     def stages(self) -> list[Stage]:
-        coefficients = (Optimize("coefficients", ("coefficients",), self.adamerging_lr),) if self.adamerging_steps else ()
+        coefficients = (
+            (Optimize("coefficients", ("coefficients",), self.adamerging_lr),) if self.adamerging_steps else ()
+        )
         return [Stage("coefficients", self.adamerging_steps, self.coefficients_step, coefficients)]
 
     def parts(self, learner) -> dict[str, nn.Module | Tensor]:

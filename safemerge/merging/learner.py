@@ -60,8 +60,15 @@ class MergeLearner(nn.Module):
     """
 
     def __init__(
-        self, encoder: MergedEncoder, classifier: Classifier, method, tasks: Sequence[str], image_size: int,
-        seed: int = 0, defense=None, static_weights: Mapping[str, Tensor] | None = None,
+        self,
+        encoder: MergedEncoder,
+        classifier: Classifier,
+        method,
+        tasks: Sequence[str],
+        image_size: int,
+        seed: int = 0,
+        defense=None,
+        static_weights: Mapping[str, Tensor] | None = None,
     ) -> None:
         super().__init__()
         self.encoder, self.method, self.defense = encoder, method, defense
@@ -120,7 +127,9 @@ class MergeLearner(nn.Module):
             for spec in stage.optimizers:
                 if spec.name in optimizers:
                     raise ValueError(f"two stages declare an optimizer named {spec.name!r}")
-                optimizers[spec.name] = torch.optim.Adam([p for part in spec.parts for p in self._params(part)], lr=spec.lr)
+                optimizers[spec.name] = torch.optim.Adam(
+                    [p for part in spec.parts for p in self._params(part)], lr=spec.lr
+                )
         return optimizers
 
     def optimizer_names(self) -> list[str]:
@@ -135,7 +144,9 @@ class MergeLearner(nn.Module):
         except AttributeError:
             return [self.get_parameter(path)]
 
-    def training_step(self, step: int, batch: Batch, optimizers: Optimizers, reduce: Reduce = lambda g: g) -> dict[str, float]:
+    def training_step(
+        self, step: int, batch: Batch, optimizers: Optimizers, reduce: Reduce = lambda g: g
+    ) -> dict[str, float]:
         """One step of the stage ``step`` falls in, with that stage's optimizers; returns the losses to log."""
         if step != int(self.completed_steps):
             raise RuntimeError(f"step {step} is not the learner's next step ({int(self.completed_steps)})")
@@ -208,8 +219,13 @@ class MergeLearner(nn.Module):
         optimizer.zero_grad(set_to_none=True)
 
     def trigger_step(
-        self, trigger, weights: Mapping[str, Tensor], batch: Batch, pseudo_labels: Mapping[str, Tensor],
-        optimizer: torch.optim.Optimizer, reduce: Reduce,
+        self,
+        trigger,
+        weights: Mapping[str, Tensor],
+        batch: Batch,
+        pseudo_labels: Mapping[str, Tensor],
+        optimizer: torch.optim.Optimizer,
+        reduce: Reduce,
     ) -> float:
         """One optimizer step of a defender's simulated trigger (``optimizer`` is over its
         parameters) against ``weights`` (detached) and the pseudo-labels; returns the

@@ -46,8 +46,12 @@ class MergedEncoder(nn.Module):
     """
 
     def __init__(
-        self, tower: nn.Module, experts: Sequence[Mapping[str, Tensor]], *,
-        vector_dtype: torch.dtype = torch.float32, checkpoint_chunk: int | None = None,
+        self,
+        tower: nn.Module,
+        experts: Sequence[Mapping[str, Tensor]],
+        *,
+        vector_dtype: torch.dtype = torch.float32,
+        checkpoint_chunk: int | None = None,
     ) -> None:
         super().__init__()
         if not experts:
@@ -88,7 +92,7 @@ class MergedEncoder(nn.Module):
         return torch.full((self.num_experts, columns), float(value), device=self.vectors(0).device)
 
     def weights(
-        self, coefficients: Tensor, mask: Sequence[Tensor] | None = None, rescale: bool = False,
+        self, coefficients: Tensor, mask: Sequence[Tensor] | None = None, rescale: bool = False
     ) -> dict[str, Tensor]:
         """The merged state dict ``θ_0 + m ⊙ Σ_i λ_i τ_i`` (``m / mean(m)`` per tensor with ``rescale``)."""
         coefficients = coefficients.reshape(self.num_experts, -1)
@@ -103,10 +107,13 @@ class MergedEncoder(nn.Module):
             for index, (name, shape) in enumerate(zip(self.names, self.shapes)):
                 if mask is not None:  # one node that keeps only λ, m and mean(m) for backward
                     state[name] = _MaskedMergeFunction.apply(
-                        coefficients[:, index], self.vectors(index), state[name], mask[index], rescale)
+                        coefficients[:, index], self.vectors(index), state[name], mask[index], rescale
+                    )
                     continue
                 vectors = self.vectors(index)
-                update = (coefficients[:, index].to(_compute_dtype(vectors)) @ vectors.to(_compute_dtype(vectors))).view(shape)
+                update = (
+                    coefficients[:, index].to(_compute_dtype(vectors)) @ vectors.to(_compute_dtype(vectors))
+                ).view(shape)
                 state[name] = state[name] + update
         return state
 

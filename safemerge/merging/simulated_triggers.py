@@ -38,7 +38,9 @@ def check_budget(owner: str, eps: float) -> None:
 def check_area_weight(owner: str, area_weight: float) -> None:
     """A one-line error unless the patch trigger's area penalty ``area_weight`` is >= 0."""
     if area_weight < 0:
-        raise ConfigError(f"{owner}: area_weight is a penalty on the trigger's area and must be >= 0, got {area_weight}")
+        raise ConfigError(
+            f"{owner}: area_weight is a penalty on the trigger's area and must be >= 0, got {area_weight}"
+        )
 
 
 def clamp_pixels(images: Tensor, straight_through: bool = False) -> Tensor:
@@ -107,8 +109,14 @@ class AdditiveTrigger(SimulatedTrigger):
     """
 
     def __init__(
-        self, tasks: Sequence[str], image_size: int, eps: float, space: PerturbationSpace = "pixel",
-        mean: Sequence[float] = (0.0, 0.0, 0.0), std: Sequence[float] = (1.0, 1.0, 1.0), targeted: bool = False,
+        self,
+        tasks: Sequence[str],
+        image_size: int,
+        eps: float,
+        space: PerturbationSpace = "pixel",
+        mean: Sequence[float] = (0.0, 0.0, 0.0),
+        std: Sequence[float] = (1.0, 1.0, 1.0),
+        targeted: bool = False,
         straight_through: bool = False,
     ) -> None:
         super().__init__(tasks, targeted)
@@ -157,8 +165,13 @@ class PatchTrigger(SimulatedTrigger):
     """
 
     def __init__(
-        self, tasks: Sequence[str], image_size: int, area_weight: float = 1e-3, patch_size: int | None = None,
-        targeted: bool = False, init_mask_logit: float = -3.0,
+        self,
+        tasks: Sequence[str],
+        image_size: int,
+        area_weight: float = 1e-3,
+        patch_size: int | None = None,
+        targeted: bool = False,
+        init_mask_logit: float = -3.0,
     ) -> None:
         super().__init__(tasks, targeted)
         check_area_weight("patch trigger", area_weight)
@@ -173,7 +186,7 @@ class PatchTrigger(SimulatedTrigger):
         self.pattern_logits = nn.ParameterList(nn.Parameter(torch.zeros(3, image_size, image_size)) for _ in tasks)
         window = torch.ones(1, image_size, image_size)
         if patch_size is not None:
-            window.zero_()[..., image_size - patch_size:, image_size - patch_size:] = 1
+            window.zero_()[..., image_size - patch_size :, image_size - patch_size :] = 1
         self.register_buffer("window", window, persistent=False)
 
     def mask(self, task: str) -> Tensor:
@@ -195,9 +208,17 @@ class PatchTrigger(SimulatedTrigger):
 
 
 def simulated_trigger(
-    shape: TriggerShape, tasks: Sequence[str], image_size: int, *, eps: float, space: PerturbationSpace = "pixel",
-    mean: Sequence[float] = (0.0, 0.0, 0.0), std: Sequence[float] = (1.0, 1.0, 1.0), area_weight: float = 1e-3,
-    patch_size: int | None = None, targeted: bool = False,
+    shape: TriggerShape,
+    tasks: Sequence[str],
+    image_size: int,
+    *,
+    eps: float,
+    space: PerturbationSpace = "pixel",
+    mean: Sequence[float] = (0.0, 0.0, 0.0),
+    std: Sequence[float] = (1.0, 1.0, 1.0),
+    area_weight: float = 1e-3,
+    patch_size: int | None = None,
+    targeted: bool = False,
 ) -> SimulatedTrigger:
     """The simulated trigger a config names (``trigger: additive | patch``)."""
     if shape == "additive":

@@ -5,6 +5,11 @@ from safemerge.models.heads import cached_task_heads, cached_zero_shot_head, zer
 from safemerge.models.loading import CLIPModel, load_clip, register_architecture
 
 __all__ = [
-    "CLIPModel", "ImageClassifier", "cached_task_heads", "cached_zero_shot_head", "load_clip",
-    "register_architecture", "zero_shot_head",
+    "CLIPModel",
+    "ImageClassifier",
+    "cached_task_heads",
+    "cached_zero_shot_head",
+    "load_clip",
+    "register_architecture",
+    "zero_shot_head",
 ]

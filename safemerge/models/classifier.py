@@ -18,8 +18,7 @@ class ImageClassifier(nn.Module):
     """
 
     def __init__(
-        self, tower: nn.Module, heads: Mapping[str, Tensor],
-        mean: Sequence[float], std: Sequence[float],
+        self, tower: nn.Module, heads: Mapping[str, Tensor], mean: Sequence[float], std: Sequence[float]
     ) -> None:
         super().__init__()
         self.tower = tower

@@ -53,8 +53,12 @@ def text_fingerprint(clip: CLIPModel) -> str:
 
 
 def cached_zero_shot_head(
-    clip: CLIPModel, task: str, classnames: Sequence[str], prompts: Sequence[Sequence[str]],
-    *, fingerprint: str | None = None,
+    clip: CLIPModel,
+    task: str,
+    classnames: Sequence[str],
+    prompts: Sequence[Sequence[str]],
+    *,
+    fingerprint: str | None = None,
 ) -> Tensor:
     """:func:`zero_shot_head`, cached on disk keyed by model, text weights, task and prompts.
 
@@ -62,8 +66,13 @@ def cached_zero_shot_head(
     (it hashes every text weight: compute it once per model, not once per task).
     """
     key_source = json.dumps(
-        {"model": clip.name, "weights": fingerprint or text_fingerprint(clip), "task": task,
-         "classnames": list(classnames), "prompts": [list(p) for p in prompts]}
+        {
+            "model": clip.name,
+            "weights": fingerprint or text_fingerprint(clip),
+            "task": task,
+            "classnames": list(classnames),
+            "prompts": [list(p) for p in prompts],
+        }
     )
     key = hashlib.sha256(key_source.encode()).hexdigest()[:32]
     path = cache_dir("heads", f"{task}-{key}.safetensors")
@@ -75,7 +84,7 @@ def cached_zero_shot_head(
 
 
 def cached_task_heads(
-    clip: CLIPModel, tasks: Iterable[Task], given: Mapping[str, Tensor] | None = None,
+    clip: CLIPModel, tasks: Iterable[Task], given: Mapping[str, Tensor] | None = None
 ) -> dict[str, Tensor]:
     """The cached zero-shot head of each task (class names × the task's templates), except for
     the tasks in ``given``: an expert's own head (``head.safetensors``, e.g. a converted
@@ -89,7 +98,7 @@ def cached_task_heads(
             heads[task.name] = _checked_head(clip, task, given[task.name])
         else:
             heads[task.name] = cached_zero_shot_head(
-                clip, task.name, task.classnames, [task.prompts(c) for c in task.classnames], fingerprint=fingerprint,
+                clip, task.name, task.classnames, [task.prompts(c) for c in task.classnames], fingerprint=fingerprint
             )
     return heads
 

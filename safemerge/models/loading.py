@@ -152,8 +152,13 @@ def load_clip(
     tokenizer = open_clip.get_tokenizer(model)
     context_length = getattr(clip, "context_length", None) or tokenizer.context_length
     return CLIPModel(
-        model=clip, tokenizer=tokenizer, name=model, pretrained=pretrained if schema is None else None,
-        image_size=int(image_size), mean=tuple(preprocess["mean"]), std=tuple(preprocess["std"]),
+        model=clip,
+        tokenizer=tokenizer,
+        name=model,
+        pretrained=pretrained if schema is None else None,
+        image_size=int(image_size),
+        mean=tuple(preprocess["mean"]),
+        std=tuple(preprocess["std"]),
         context_length=int(context_length),
     )
 
@@ -238,7 +243,9 @@ def weights_fingerprint(model: str, pretrained: str | None) -> str:
     """Identifies the weights ``load_clip(model, pretrained)`` loads: a content hash for local
     files, the name and tag otherwise (marked when QuickGELU is forced onto a GELU architecture,
     so experts fine-tuned before that fix, with GELU, no longer match)."""
-    path = bundled_weights(model, pretrained) or (Path(pretrained) if pretrained and _looks_like_path(pretrained) else None)
+    path = bundled_weights(model, pretrained) or (
+        Path(pretrained) if pretrained and _looks_like_path(pretrained) else None
+    )
     if path is None or not path.is_file():
         architecture = open_clip.get_model_config(model) or {}
         forced = resolve_quick_gelu(model, pretrained) and not architecture.get("quick_gelu", False)

@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from safemerge.attacks import Attack, Trigger, optimize_trigger
-from safemerge.errors import ConfigError
 from safemerge.data.datamodule import TaskDataModule
-from safemerge.modules.schedule import warmup_cosine
-from safemerge.io import Expert, expert_info, write_expert
+from safemerge.errors import ConfigError
 from safemerge.evaluation import Evaluation, classifier_for
+from safemerge.io import Expert, expert_info, write_expert
 from safemerge.models import ImageClassifier, load_clip
+from safemerge.modules.schedule import warmup_cosine
 
 
 class FinetuneModule(L.LightningModule):
@@ -91,7 +91,9 @@ class FinetuneModule(L.LightningModule):
             self.pretrained_tower = copy.deepcopy(tower).requires_grad_(False).eval()
         # ACC and ASR as a merge measures them: the datamodule serves the same views
         self.evaluation = nn.ModuleDict({stage: Evaluation([dm.task], dm.backdoors()) for stage in ("val", "test")})
-        if self.attack is not None and self.attack.needs_optimization:  # once: set-up returns early after the first call
+        if (
+            self.attack is not None and self.attack.needs_optimization
+        ):  # once: set-up returns early after the first call
             dm.set_trigger(self._optimize_trigger(dm))
 
     def _optimize_trigger(self, dm: TaskDataModule) -> Trigger:
@@ -104,7 +106,9 @@ class FinetuneModule(L.LightningModule):
             dm.trigger.to(device),
             lambda images: classifier(images, target),
             (images.to(device) for images in dm.trigger_batches(seed=attack.seed)),
-            target_class=attack.target_class, steps=attack.steps, lr=attack.lr,
+            target_class=attack.target_class,
+            steps=attack.steps,
+            lr=attack.lr,
         ).to("cpu")
         classifier.to("cpu").train()
         # Every rank must poison with the same trigger.
@@ -187,8 +191,11 @@ class FinetuneModule(L.LightningModule):
         if attack is not None:
             backdoor = {**attack.describe(), "target_task": dm.target_task.name}
         info = expert_info(
-            model=self.hparams.model, pretrained=self.hparams.pretrained, task=dm.task.name,
-            num_classes=dm.task.num_classes, backdoor=backdoor,
+            model=self.hparams.model,
+            pretrained=self.hparams.pretrained,
+            task=dm.task.name,
+            num_classes=dm.task.num_classes,
+            backdoor=backdoor,
             metrics={"accuracy": metrics["acc"], "asr": metrics.get("asr")},
             image_size=self.image_size,
         )
@@ -205,7 +212,7 @@ def _tune_last_blocks(tower: nn.Module, count: int, model: str) -> None:
     if not 0 <= count <= len(blocks):
         raise ConfigError(f"tuned_blocks must be in 0..{len(blocks)} for {model}, got {count}")
     tower.requires_grad_(False)
-    for block in list(blocks)[len(blocks) - count:]:
+    for block in list(blocks)[len(blocks) - count :]:
         block.requires_grad_(True)
     for name in ("ln_post", "proj"):  # a module and a parameter in open_clip's ViT
         part = getattr(tower, name, None)

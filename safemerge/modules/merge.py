@@ -21,8 +21,8 @@ from safemerge.io import Expert, expert_info, save_tensors, write_expert
 from safemerge.merging import LearnedMerge, MergedEncoder, MergeMethod, StaticMerge
 from safemerge.merging.learner import MergeLearner
 from safemerge.models import load_clip
-from safemerge.pool import backdoors_of, check_pool, read_pool
 from safemerge.modules.resume import ResumeCheckpoint, check_resumable, keep_trainable_state, last_checkpoint
+from safemerge.pool import backdoors_of, check_pool, read_pool
 from safemerge.report import build_report, report_markdown, write_report
 
 # A resumed merge's adaptation stream starts at the learner's step count (the datamodule reads
@@ -86,10 +86,13 @@ class MergeModule(L.LightningModule):
         self.automatic_optimization = False
         self.strict_loading = False  # a resume checkpoint holds the learned tensors only (on_load_checkpoint)
         if checkpoint_every is not None and checkpoint_every < 1:
-            raise ConfigError(f"checkpoint_every is a number of adaptation steps >= 1 (or null), got {checkpoint_every}")
+            raise ConfigError(
+                f"checkpoint_every is a number of adaptation steps >= 1 (or null), got {checkpoint_every}"
+            )
         if not isinstance(method, (StaticMerge, LearnedMerge)):
             raise ConfigError(
-                f"method must be a safemerge.merging method (a StaticMerge or a LearnedMerge), got {type(method).__name__}")
+                f"method must be a safemerge.merging method (a StaticMerge or a LearnedMerge), got {type(method).__name__}"
+            )
         if defense is not None and not isinstance(defense, Defense):
             raise ConfigError(f"defense must be a safemerge.defenses defence, got {type(defense).__name__}")
         self.method, self.defense = method, defense
@@ -108,17 +111,29 @@ class MergeModule(L.LightningModule):
         self.task_names = pool.tasks
         self.backdoors, self.backdoor_info = backdoors_of(pool.experts, self.task_names)
         tasks = [get_task(t) for t in self.task_names]
-        self.classifier = classifier_for(self.clip, tasks, {e.task: e.head for _, e in pool.experts if e.head is not None})
+        self.classifier = classifier_for(
+            self.clip, tasks, {e.task: e.head for _, e in pool.experts if e.head is not None}
+        )
         self.clip.model = None  # the text tower's job ends with the heads
         states = pool.encoders
         self.encoder = MergedEncoder(
-            self.classifier.tower, states, vector_dtype=getattr(torch, task_vector_dtype), checkpoint_chunk=checkpoint_chunk)
+            self.classifier.tower,
+            states,
+            vector_dtype=getattr(torch, task_vector_dtype),
+            checkpoint_chunk=checkpoint_chunk,
+        )
         static = method.merge(base, states) if isinstance(method, StaticMerge) else None
         self.learner: MergeLearner | None = None
         if isinstance(method, LearnedMerge) or defense is not None:
             self.learner = MergeLearner(
-                self.encoder, self.classifier, method, self.task_names, self.image_size, self.seed,
-                defense=defense, static_weights=static,
+                self.encoder,
+                self.classifier,
+                method,
+                self.task_names,
+                self.image_size,
+                self.seed,
+                defense=defense,
+                static_weights=static,
             )
         self.static_weights = static
         del pool, states
@@ -148,7 +163,9 @@ class MergeModule(L.LightningModule):
 
     def data_plan(self) -> MergePlan:
         """What this merge's data must serve (:class:`~safemerge.data.merge.MergeDataModule`)."""
-        return MergePlan(self.task_names, self.backdoors, self.adaptation_steps, self.seed, lambda: self.completed_steps)
+        return MergePlan(
+            self.task_names, self.backdoors, self.adaptation_steps, self.seed, lambda: self.completed_steps
+        )
 
     @property
     def completed_steps(self) -> int:
@@ -252,9 +269,13 @@ class MergeModule(L.LightningModule):
             r["expert_accuracy"] = experts[task]["accuracy"]
         self._log_results("test", results)
         report = build_report(
-            self.method.name, results, config=self._config(), runtime_s=time.time() - self._start,
+            self.method.name,
+            results,
+            config=self._config(),
+            runtime_s=time.time() - self._start,
             backdoors=[{**info, **rates} for info, rates in zip(self.backdoor_info, backdoor_rates)],
-            defense=self.defense.describe() if self.defense else None, **self._report_fields(),
+            defense=self.defense.describe() if self.defense else None,
+            **self._report_fields(),
         )
         self._log_table(report)
         if self.trainer.is_global_zero:
@@ -271,9 +292,13 @@ class MergeModule(L.LightningModule):
 
     def _config(self) -> dict:
         return {
-            "method": self.method.describe(), "defense": self.defense.describe() if self.defense else None,
-            "experts": self.expert_names, "model": self.hparams.model or self.clip.name,
-            "pretrained": self.clip.pretrained, "seed": self.seed, "adaptation_steps": self.adaptation_steps,
+            "method": self.method.describe(),
+            "defense": self.defense.describe() if self.defense else None,
+            "experts": self.expert_names,
+            "model": self.hparams.model or self.clip.name,
+            "pretrained": self.clip.pretrained,
+            "seed": self.seed,
+            "adaptation_steps": self.adaptation_steps,
             "world_size": self.trainer.world_size if self._trainer else 1,
         }
 
@@ -290,17 +315,21 @@ class MergeModule(L.LightningModule):
         weights = {k: v.detach().cpu() for k, v in self._eval_weights.items()}
         tasks = [get_task(t) for t in self.task_names]
         info = expert_info(
-            model=self.clip.name, pretrained=self.clip.pretrained, task="+".join(self.task_names),
-            num_classes=sum(t.num_classes for t in tasks), backdoor=None,
+            model=self.clip.name,
+            pretrained=self.clip.pretrained,
+            task="+".join(self.task_names),
+            num_classes=sum(t.num_classes for t in tasks),
+            backdoor=None,
             metrics={"accuracy": report["average"]["accuracy"], "asr": report["average"]["asr"]},
-            image_size=self.image_size, tasks=self.task_names, method=self.method.name,
+            image_size=self.image_size,
+            tasks=self.task_names,
+            method=self.method.name,
             defense=self.defense.name if self.defense else None,
         )
         write_expert(directory / "merged", Expert(encoder=weights, info=info))
         if self.learner is not None:  # λ, mask logits, triggers, defence masks, for inspection
             save_tensors(directory / LEARNED_FILE, self.learner.learned_state())
         write_report(directory, report)
-
 
     # ------------------------------------------------------------------ resuming (safemerge.modules.resume)
 

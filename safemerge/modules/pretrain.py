@@ -13,10 +13,10 @@ from torch import Tensor
 
 from safemerge.data.captions import CaptionDataModule
 from safemerge.errors import ConfigError
-from safemerge.modules.schedule import warmup_cosine
 from safemerge.io import save_tensors, write_json
 from safemerge.metrics import task_accuracy
 from safemerge.models import load_clip, zero_shot_head
+from safemerge.modules.schedule import warmup_cosine
 
 
 class PretrainModule(L.LightningModule):
@@ -80,7 +80,9 @@ class PretrainModule(L.LightningModule):
             (no_decay if param.ndim < 2 or "logit_scale" in name or "embedding" in name else decay).append(param)
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.hparams.lr, betas=(0.9, 0.98), eps=1e-6,
+            lr=self.hparams.lr,
+            betas=(0.9, 0.98),
+            eps=1e-6,
         )
         schedule = warmup_cosine(optimizer, self.hparams.warmup_steps, int(self.trainer.estimated_stepping_batches))
         return {"optimizer": optimizer, "lr_scheduler": schedule}
@@ -136,6 +138,8 @@ class PretrainModule(L.LightningModule):
         """fp16 weights (the committed mini CLIP is small this way) and the open_clip config."""
         weights = {name: t.detach().half() for name, t in self.model.state_dict().items()}
         save_tensors(path, weights)
-        config = {"model_cfg": open_clip.get_model_config(self.hparams.model),
-                  "preprocess_cfg": {"mean": list(self._clip.mean), "std": list(self._clip.std)}}
+        config = {
+            "model_cfg": open_clip.get_model_config(self.hparams.model),
+            "preprocess_cfg": {"mean": list(self._clip.mean), "std": list(self._clip.std)},
+        }
         write_json(path.with_name("open_clip_config.json"), config)

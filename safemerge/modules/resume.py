@@ -57,11 +57,18 @@ def resume_record(merge) -> dict[str, Any]:
     """What a merge's resume checkpoint belongs to (plain types), checked before it is loaded."""
     learner = merge.learner
     return {
-        "format": RESUME_FORMAT, "experts": merge.expert_names, "tasks": merge.task_names,
-        "model": merge.clip.name, "pretrained": merge.clip.pretrained, "seed": merge.seed,
-        "method": merge.method.describe(), "defense": merge.defense.describe() if merge.defense else None,
-        "optimizers": learner.optimizer_names(), "adaptation_steps": merge.adaptation_steps,
-        "completed_steps": merge.completed_steps, "notes": learner.notes,
+        "format": RESUME_FORMAT,
+        "experts": merge.expert_names,
+        "tasks": merge.task_names,
+        "model": merge.clip.name,
+        "pretrained": merge.clip.pretrained,
+        "seed": merge.seed,
+        "method": merge.method.describe(),
+        "defense": merge.defense.describe() if merge.defense else None,
+        "optimizers": learner.optimizer_names(),
+        "adaptation_steps": merge.adaptation_steps,
+        "completed_steps": merge.completed_steps,
+        "notes": learner.notes,
     }
 
 
@@ -95,7 +102,11 @@ def check_resumable(merge, checkpoint: dict, source: str) -> None:
     _check_same_merge(record, ours, source)
     _check_learned_tensors(checkpoint.get("state_dict"), merge.learner.learned_state(), source)
     optimizers = checkpoint.get("optimizer_states")
-    if record.get("optimizers") != ours["optimizers"] or not isinstance(optimizers, list) or len(optimizers) != len(ours["optimizers"]):
+    if (
+        record.get("optimizers") != ours["optimizers"]
+        or not isinstance(optimizers, list)
+        or len(optimizers) != len(ours["optimizers"])
+    ):
         raise CheckpointError(
             f"{source} holds the optimizers {record.get('optimizers')}, this merge has {ours['optimizers']}; {FRESH}"
         )
@@ -105,8 +116,13 @@ def check_resumable(merge, checkpoint: dict, source: str) -> None:
 
 
 def _check_same_merge(record: dict, ours: dict, source: str) -> None:
-    for key, what in (("experts", "pool"), ("tasks", "tasks"), ("model", "base model"),
-                      ("pretrained", "pretrained weights"), ("seed", "seed")):
+    for key, what in (
+        ("experts", "pool"),
+        ("tasks", "tasks"),
+        ("model", "base model"),
+        ("pretrained", "pretrained weights"),
+        ("seed", "seed"),
+    ):
         if record.get(key) != ours[key]:
             raise CheckpointError(
                 f"{source} was written by a merge with another {what}: {record.get(key)!r}, this run has "
@@ -148,7 +164,8 @@ def _difference(theirs: dict | None, ours: dict | None) -> str:
     keys = sorted(params(theirs).keys() | params(ours).keys())
     return ", ".join(
         f"{k} {params(theirs).get(k)!r} in the checkpoint, {params(ours).get(k)!r} in this run"
-        for k in keys if params(theirs).get(k) != params(ours).get(k)
+        for k in keys
+        if params(theirs).get(k) != params(ours).get(k)
     )
 
 
@@ -177,7 +194,8 @@ class ResumeCheckpoint(L.Callback):
                 f"safemerge: received SIGTERM after {pl_module.completed_steps} of {pl_module.adaptation_steps} "
                 f"adaptation steps; the merge's state is saved in {self.path}. Resume it with the same command "
                 "and --ckpt_path last",
-                file=sys.stderr, flush=True,
+                file=sys.stderr,
+                flush=True,
             )
 
     def save(self, trainer) -> None:

@@ -27,8 +27,13 @@ from safemerge.protocol.pools import CONFIGS, DEFAULT_POOL, pool_experts
 
 BASE = CONFIGS / "merge" / "base.yaml"
 MAIN_JOB = CONFIGS / "merge.yaml"
-MAIN_JOB_PARTS = ("merge/base.yaml", "merge/adamerging.yaml", "defense/sau.yaml", "defense/expert_labels.yaml",
-                  "defense/one_attack_step.yaml")
+MAIN_JOB_PARTS = (
+    "merge/base.yaml",
+    "merge/adamerging.yaml",
+    "defense/sau.yaml",
+    "defense/expert_labels.yaml",
+    "defense/one_attack_step.yaml",
+)
 # A method file names its own output places (outputs/merge/<method>, its logger's name); the main
 # job keeps base's.
 OUTPUT_PLACES = (("trainer", "default_root_dir"), ("trainer", "logger"), ("model", "init_args", "output_dir"))
@@ -99,7 +104,7 @@ def base_text(configs: Path = CONFIGS, pool: str = DEFAULT_POOL) -> str:
     head = text[: found[0].start()]
     if note != _EXPERTS_NOTE.format(pool=pool):
         head += f"{indent}{_EXPERTS_NOTE.format(pool=pool)}\n"
-    return head + block + text[found[0].end():]
+    return head + block + text[found[0].end() :]
 
 
 def main_job_text(configs: Path = CONFIGS) -> str:

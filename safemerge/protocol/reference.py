@@ -25,8 +25,8 @@ from safemerge.experts import MINI_MODEL, MINI_WEIGHTS, resolve_expert
 from safemerge.io import read_expert, write_json
 from safemerge.merging import task_arithmetic
 from safemerge.models import load_clip
-from safemerge.protocol import exits_on_user_error
 from safemerge.pool import backdoors_of
+from safemerge.protocol import exits_on_user_error
 from safemerge.protocol.pools import POOLS, backdoored_mini_pool, clean_twin
 from safemerge.protocol.tables import reference_table
 from safemerge.report import mean_known
@@ -40,17 +40,27 @@ def reference_for(name: str, lambdas: Sequence[float], clip, base, pools: Path =
     tasks = [get_task(e.task) for _, e in pool]
     backdoors, found = backdoors_of(pool, [t.name for t in tasks])
     classifier = classifier_for(clip, tasks)
-    result = {"experts": references, "clean_experts": [clean_twin(r) for r in references],
-              "backdoors": [{key: b[key] for key in ("expert", "target_task", "target_class")} for b in found],
-              "task_arithmetic": {}}
+    result = {
+        "experts": references,
+        "clean_experts": [clean_twin(r) for r in references],
+        "backdoors": [{key: b[key] for key in ("expert", "target_task", "target_class")} for b in found],
+        "task_arithmetic": {},
+    }
     for lam in lambdas:
         per_task, per_backdoor = evaluate_backdoors(
-            classifier, tasks, backdoors, tower_state=task_arithmetic(base, [e.encoder for e in clean], lam),
-            image_size=clip.image_size)
+            classifier,
+            tasks,
+            backdoors,
+            tower_state=task_arithmetic(base, [e.encoder for e in clean], lam),
+            image_size=clip.image_size,
+        )
         result["task_arithmetic"][str(lam)] = {
-            "average": {key: mean_known([t[key] for t in per_task.values()])
-                        for key in ("accuracy", "asr", "target_rate")},
-            "backdoors": per_backdoor, "tasks": per_task}
+            "average": {
+                key: mean_known([t[key] for t in per_task.values()]) for key in ("accuracy", "asr", "target_rate")
+            },
+            "backdoors": per_backdoor,
+            "tasks": per_task,
+        }
     return result
 
 

@@ -32,7 +32,14 @@ from safemerge.merging import StaticMerge
 from safemerge.protocol import exits_on_user_error
 from safemerge.protocol.configs import composed
 from safemerge.protocol.pools import CONFIGS, pool_file
-from safemerge.report import comparison_table, plot_asr_vs_accuracy, pools_table, read_report, summarize, summarize_pools
+from safemerge.report import (
+    comparison_table,
+    plot_asr_vs_accuracy,
+    pools_table,
+    read_report,
+    summarize,
+    summarize_pools,
+)
 
 REPO = CONFIGS.parent
 BASE = CONFIGS / "merge" / "base.yaml"
@@ -75,14 +82,21 @@ def method_configs(method: str) -> list[Path]:
 
 
 def merge_command(
-    configs: Sequence[Path | str], seed: int, run: Path, extra: Sequence[str] = (), *, logger: bool = False,
+    configs: Sequence[Path | str], seed: int, run: Path, extra: Sequence[str] = (), *, logger: bool = False
 ) -> list[str]:
     """``trainer.py fit`` of one merge run into ``run`` (its report, merged tower and logs);
     without ``logger`` the configs' logger (W&B) is switched off."""
     return [
-        sys.executable, str(REPO / "trainer.py"), "fit", *[a for c in configs for a in ("--config", str(c))],
-        f"--seed_everything={seed}", f"--model.init_args.output_dir={run}", f"--trainer.default_root_dir={run}",
-        "--trainer.enable_progress_bar=false", *([] if logger else ["--trainer.logger=false"]), *extra,
+        sys.executable,
+        str(REPO / "trainer.py"),
+        "fit",
+        *[a for c in configs for a in ("--config", str(c))],
+        f"--seed_everything={seed}",
+        f"--model.init_args.output_dir={run}",
+        f"--trainer.default_root_dir={run}",
+        "--trainer.enable_progress_bar=false",
+        *([] if logger else ["--trainer.logger=false"]),
+        *extra,
     ]
 
 
@@ -99,7 +113,10 @@ def run(command: Sequence[str], *, dry_run: bool, env: Mapping[str, str] | None 
 
 
 def run_and_compare(
-    jobs: Sequence[tuple[str, int, list[str]]], output: Path, *, dry_run: bool = False,
+    jobs: Sequence[tuple[str, int, list[str]]],
+    output: Path,
+    *,
+    dry_run: bool = False,
     env: Mapping[str, str] | None = None,
 ) -> str | None:
     """Run each ``(method, seed, command)`` whose ``<output>/<method>/seed<seed>/report.json`` is
@@ -139,9 +156,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     for pool, pool_configs in pools.items():
         directory = output / pool
         jobs = [
-            (method, seed, merge_command([BASE, *pool_configs, *configs[method]], seed,
-                                         directory / method / f"seed{seed}", args.extra))
-            for method in methods for seed in seeds[method]
+            (
+                method,
+                seed,
+                merge_command(
+                    [BASE, *pool_configs, *configs[method]], seed, directory / method / f"seed{seed}", args.extra
+                ),
+            )
+            for method in methods
+            for seed in seeds[method]
         ]
         table = run_and_compare(jobs, directory, dry_run=args.dry_run)
         if args.dry_run:
