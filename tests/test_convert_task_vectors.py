@@ -202,7 +202,7 @@ def test_a_pickle_that_would_run_a_command_is_refused_in_one_line_and_nothing_ru
 
 
 def test_opcodes_that_call_or_set_state_outside_the_allowlist_are_refused(tmp_path):
-    from safemerge.convert.task_vectors import load
+    from safemerge.convert.restricted_pickle import load
     from safemerge.errors import SafemergeError
 
     # an OrderedDict given attribute state by BUILD; a tensor rebuilt on something that is no storage

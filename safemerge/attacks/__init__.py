@@ -3,9 +3,10 @@
 Imports only torch: no Lightning, no I/O.
 """
 
+from safemerge.attacks.backdoors import Attack, BadNets, Blended, OptimizedPatch
 from safemerge.attacks.optimize import optimize_trigger
 from safemerge.attacks.poison import PoisonedDataset, TriggeredDataset, poison_indices
-from safemerge.attacks.triggers import Attack, BadNets, Blended, OptimizedPatch, Trigger
+from safemerge.attacks.triggers import Trigger
 
 __all__ = [
     "Trigger",

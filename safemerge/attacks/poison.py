@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from safemerge.attacks.triggers import Trigger, check_poison_rate
+from safemerge.attacks.backdoors import check_poison_rate
+from safemerge.attacks.triggers import Trigger
 from safemerge.errors import ConfigError
 
 
