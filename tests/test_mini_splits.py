@@ -13,7 +13,7 @@ import numpy as np
 
 from safemerge.data import mini_assets
 from safemerge.data import mini_v1 as mini
-from safemerge.data import mini_v2 as domains
+from safemerge.data import mini_v2_render as domains
 from safemerge.data.mini_v2 import DomainTaskDataset
 
 SPLITS = ("train", "val", "test")

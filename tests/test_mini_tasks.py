@@ -13,21 +13,18 @@ import torch
 
 from safemerge.data import mini_v1
 from safemerge.data.mini_v1 import (
-    COLOUR_WORDS,
     COLOURS,
     MINI_SPLIT_SIZES,
-    SHAPE_WORDS,
     SHAPES,
-    TEXTURE_WORDS,
     TEXTURES,
     UNNAMED_IN_CAPTIONS,
-    CaptionedScenes,
     digit_indices,
     mini_task_names,
     render,
     sample_scene,
     texture_tiles,
 )
+from safemerge.data.mini_v1_captions import COLOUR_WORDS, SHAPE_WORDS, TEXTURE_WORDS, CaptionedScenes
 from safemerge.data.registry import SPLITS, get_task, task_names
 
 NUM_CLASSES = {"mini_shape": 6, "mini_color": 8, "mini_count": 4, "mini_digit": 10, "mini_texture": 6}

@@ -33,7 +33,7 @@ class CaptionDataModule(L.LightningDataModule):
         eval_tasks: tasks whose zero-shot accuracy is measured at validation (default: the
             corpus's tasks).
         seed: seed of the rendered scenes.
-        corpus: ``scenes`` (v1: :class:`safemerge.data.mini_v1.CaptionedScenes`, one scene domain)
+        corpus: ``scenes`` (v1: :class:`safemerge.data.mini_v1_captions.CaptionedScenes`, one scene domain)
             or ``domains`` (v2: :class:`safemerge.data.mini_v2.DomainCaptions`, six domains;
             ``digit_fraction`` and ``mention`` do not apply).
     """
@@ -73,7 +73,7 @@ class CaptionDataModule(L.LightningDataModule):
         return images, self._tokenizer([caption for _, caption in samples])
 
     def train_dataloader(self) -> DataLoader:
-        from safemerge.data.mini_v1 import CaptionedScenes
+        from safemerge.data.mini_v1_captions import CaptionedScenes
         from safemerge.data.mini_v2 import DomainCaptions
 
         epoch = self.trainer.current_epoch if self.trainer is not None else 0

@@ -137,7 +137,7 @@ def _write(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 def build() -> None:
     """Write both assets from the system's Fashion-MNIST and DejaVu fonts."""
-    from safemerge.data import mini_v2
+    from safemerge.data import mini_v2, mini_v2_render
 
     files = {file: read_fashion_file(FASHION_ROOT, file) for file in FILES}
     # First the labels alone (a valid asset: every image then comes from the full files), from
@@ -147,7 +147,7 @@ def build() -> None:
         arrays[f"{file}_indices"], arrays[f"{file}_images"] = np.zeros(0, np.int32), np.zeros((0, 28, 28), np.uint8)
     _write(FASHION_ASSET, arrays)
     fashion_file.cache_clear()
-    mini_v2._fashion_by_class.cache_clear()
+    mini_v2_render._fashion_by_class.cache_clear()
     for file, (images, _) in files.items():
         used = sorted(
             {
@@ -162,7 +162,11 @@ def build() -> None:
     _write(FASHION_ASSET, arrays)
     _write(
         GLYPH_ASSET,
-        {f"{letter}:{font}": render_glyph(letter, font) for font in mini_v2.FONTS for letter in mini_v2.LETTERS},
+        {
+            f"{letter}:{font}": render_glyph(letter, font)
+            for font in mini_v2_render.FONTS
+            for letter in mini_v2_render.LETTERS
+        },
     )
     for path in (FASHION_ASSET, GLYPH_ASSET):
         print(f"wrote {path} ({path.stat().st_size / 1e3:.0f} kB)")
