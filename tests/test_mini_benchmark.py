@@ -104,6 +104,12 @@ def test_held_out_pools_use_other_attacks_tasks_and_targets_than_the_dev_pool():
 
 @pytest.mark.parametrize("config", ["pretrain.yaml", "pretrain_v2.yaml"])
 def test_pretraining_runs_through_the_cli(tmp_path, config):
+    from safemerge.data import mini_assets
+
+    if config == "pretrain_v2.yaml" and not (mini_assets.FASHION_ROOT / "train-images-idx3-ubyte.gz").is_file():
+        # v2's captions draw Fashion-MNIST items beyond the subset the package ships (README: pretraining
+        # needs the full files); a machine made only by `pip install -r requirements.txt` has no such files
+        pytest.skip(f"pretraining v2 needs the full Fashion-MNIST in {mini_assets.FASHION_ROOT}")
     output = tmp_path / "weights" / "MiniCLIP-ViT.safetensors"
     command = [
         sys.executable,
