@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from safemerge import expert_key
 from safemerge import experts as experts_module
 from safemerge.data import registry
 from safemerge.experts import MINI_BACKDOORS, MINI_MODEL, MINI_WEIGHTS, ExpertSpec, ensure_expert
@@ -125,12 +126,10 @@ def builder_file(task: str) -> Path:
 
 def edited(monkeypatch, path: Path, old: str, new: str) -> None:
     """Make the key see ``path`` as if a user had replaced ``old`` by ``new`` in it."""
-    read = experts_module._read
+    read = expert_key._read
     assert old in path.read_text(), f"{old!r} is not in {path}: update this test"
     monkeypatch.setattr(
-        experts_module,
-        "_read",
-        lambda p: read(p).replace(old.encode(), new.encode()) if p.resolve() == path else read(p),
+        expert_key, "_read", lambda p: read(p).replace(old.encode(), new.encode()) if p.resolve() == path else read(p)
     )
 
 
@@ -198,12 +197,12 @@ def test_the_fine_tuning_code_list_covers_every_project_module_it_imports():
     """An import added to the fine-tuning path must be listed, or the key would miss its edits."""
     import importlib
 
-    listed = experts_module.FINETUNE_CODE
+    listed = expert_key.FINETUNE_CODE
     for name in listed:
-        for module in experts_module._drawn_on(importlib.import_module(name)):
+        for module in expert_key._drawn_on(importlib.import_module(name)):
             covered = any(module.__name__ == entry or module.__name__.startswith(entry + ".") for entry in listed)
             assert covered, f"{name} imports {module.__name__}: list it in FINETUNE_CODE or NOT_IN_KEY"
-    labels = [label for name in listed for label, _ in experts_module._module_files(name)]
+    labels = [label for name in listed for label, _ in expert_key._module_files(name)]
     assert "safemerge.models/architectures/MiniCLIP-ViT.json" in labels  # a package counts with its JSON files
     assert "safemerge.attacks/optimize.py" in labels
 

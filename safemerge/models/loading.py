@@ -95,51 +95,10 @@ def load_clip(
             ``local-dir:`` names.
         config: a JSON file with a custom architecture; its stem must equal ``model``.
     """
-    if config is not None:
-        registered = register_architecture(config)
-        if registered != model:
-            raise ConfigError(
-                f"model config {config} defines architecture {registered!r} (its file name) "
-                f"but the model name is {model!r}; use model: {registered}"
-            )
-    schema = "local-dir" if model.startswith("local-dir:") else "hf-hub" if model.startswith("hf-hub:") else None
-    if schema is None and model not in open_clip.list_models():
-        raise ConfigError(
-            f"unknown model {model!r}: not an open_clip architecture. Use a name from "
-            "open_clip.list_models() (e.g. ViT-B-32), 'hf-hub:org/repo', 'local-dir:/path', or "
-            "give a custom architecture with config: path/to/Name.json"
-        )
-
+    schema = _model_schema(model, config)
     quick_gelu = resolve_quick_gelu(model, pretrained) if schema is None else False
-    local_weights = bundled_weights(model, pretrained) if schema is None else None
-    if schema == "local-dir":
-        local_weights = _local_dir_weights(Path(model.removeprefix("local-dir:")))
-    elif local_weights is None and schema is None and pretrained and _looks_like_path(pretrained):
-        local_weights = Path(pretrained)
-        if not local_weights.is_file():
-            raise WeightsUnavailableError(f"weights file {local_weights} for model {model!r} does not exist")
-
-    try:
-        if local_weights is not None or (schema is None and not pretrained):
-            # Build the architecture only; local weights are read safely below. (open_clip
-            # would warn that the model is "initialized randomly".)
-            with _quiet_open_clip():
-                clip = open_clip.create_model(model, load_weights=False, device=device, force_quick_gelu=quick_gelu)
-        else:
-            clip = _create_with_downloaded_weights(model, pretrained if schema is None else None, device, quick_gelu)
-    except (RuntimeError, OSError, ValueError) as err:
-        if schema == "local-dir":
-            raise CheckpointError(f"cannot build {model!r}: {err}") from err
-        tags = open_clip.list_pretrained_tags_by_model(model) if schema is None else []
-        raise WeightsUnavailableError(
-            f"cannot get weights for model {model!r} (pretrained={pretrained!r}): {_first_line(err)}\n"
-            "They are not in the local cache and cannot be downloaded here. Provide them locally: "
-            "on a machine with network, open_clip.create_model(name, pretrained=tag) caches them "
-            "under ~/.cache/huggingface (copy that folder here, or set HF_HOME), or pass "
-            "pretrained: /path/to/weights.safetensors, or model: local-dir:/path/to/folder "
-            "(open_clip_config.json + open_clip_model.safetensors)."
-            + (f" Known tags for {model}: {', '.join(tags)}" if tags else "")
-        ) from None
+    local_weights = _local_weights(model, pretrained, schema)
+    clip = _build_architecture(model, pretrained, schema, local_weights, device, quick_gelu)
 
     if local_weights is not None:
         state = load_tensors(local_weights)
@@ -161,6 +120,70 @@ def load_clip(
         std=tuple(preprocess["std"]),
         context_length=int(context_length),
     )
+
+
+def _model_schema(model: str, config: str | os.PathLike | None) -> str | None:
+    """``local-dir``, ``hf-hub`` or None (an open_clip architecture, registered from ``config`` if given)."""
+    if config is not None:
+        registered = register_architecture(config)
+        if registered != model:
+            raise ConfigError(
+                f"model config {config} defines architecture {registered!r} (its file name) "
+                f"but the model name is {model!r}; use model: {registered}"
+            )
+    schema = "local-dir" if model.startswith("local-dir:") else "hf-hub" if model.startswith("hf-hub:") else None
+    if schema is None and model not in open_clip.list_models():
+        raise ConfigError(
+            f"unknown model {model!r}: not an open_clip architecture. Use a name from "
+            "open_clip.list_models() (e.g. ViT-B-32), 'hf-hub:org/repo', 'local-dir:/path', or "
+            "give a custom architecture with config: path/to/Name.json"
+        )
+    return schema
+
+
+def _local_weights(model: str, pretrained: str | None, schema: str | None) -> Path | None:
+    """The local file to read the weights from (bundled, a ``local-dir:`` folder's, or a path), or None."""
+    local_weights = bundled_weights(model, pretrained) if schema is None else None
+    if schema == "local-dir":
+        local_weights = _local_dir_weights(Path(model.removeprefix("local-dir:")))
+    elif local_weights is None and schema is None and pretrained and _looks_like_path(pretrained):
+        local_weights = Path(pretrained)
+        if not local_weights.is_file():
+            raise WeightsUnavailableError(f"weights file {local_weights} for model {model!r} does not exist")
+    return local_weights
+
+
+def _build_architecture(
+    model: str,
+    pretrained: str | None,
+    schema: str | None,
+    local_weights: Path | None,
+    device: str | torch.device,
+    quick_gelu: bool,
+) -> nn.Module:
+    """The open_clip model: with downloaded (or cached) weights, or bare when they are local or absent."""
+    try:
+        if local_weights is not None or (schema is None and not pretrained):
+            # Build the architecture only; load_clip reads local weights safely. (open_clip
+            # would warn that the model is "initialized randomly".)
+            with _quiet_open_clip():
+                clip = open_clip.create_model(model, load_weights=False, device=device, force_quick_gelu=quick_gelu)
+        else:
+            clip = _create_with_downloaded_weights(model, pretrained if schema is None else None, device, quick_gelu)
+    except (RuntimeError, OSError, ValueError) as err:
+        if schema == "local-dir":
+            raise CheckpointError(f"cannot build {model!r}: {err}") from err
+        tags = open_clip.list_pretrained_tags_by_model(model) if schema is None else []
+        raise WeightsUnavailableError(
+            f"cannot get weights for model {model!r} (pretrained={pretrained!r}): {_first_line(err)}\n"
+            "They are not in the local cache and cannot be downloaded here. Provide them locally: "
+            "on a machine with network, open_clip.create_model(name, pretrained=tag) caches them "
+            "under ~/.cache/huggingface (copy that folder here, or set HF_HOME), or pass "
+            "pretrained: /path/to/weights.safetensors, or model: local-dir:/path/to/folder "
+            "(open_clip_config.json + open_clip_model.safetensors)."
+            + (f" Known tags for {model}: {', '.join(tags)}" if tags else "")
+        ) from None
+    return clip
 
 
 @contextmanager
