@@ -148,7 +148,7 @@ def test_the_key_changes_when_a_module_the_builder_draws_on_changes(monkeypatch)
     """v2's digits are drawn from v1's partition of load_digits: that file is part of the definition."""
     spec = mini_spec("mini_digits")
     before = spec.key()
-    v1 = Path(sys.modules[registry.get_task("mini_digit").build.func.__module__].__file__).resolve()
+    v1 = Path(sys.modules["safemerge.data.mini_v1"].__file__).resolve()  # v1's scenes and sources
     assert v1 != builder_file("mini_digits")
     edited(monkeypatch, v1, "PARTITION_SEED = 0", "PARTITION_SEED = 1")
     assert spec.key() != before

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from safemerge.data import get_task
-from safemerge.data.mini_v1 import mini_task_names
+from safemerge.data.mini_v1_tasks import mini_task_names
 from safemerge.data.mini_v2 import domain_task_names
 from safemerge.errors import ConfigError
 from safemerge.evaluation import classifier_for, evaluate

@@ -19,12 +19,12 @@ from safemerge.data.mini_v1 import (
     TEXTURES,
     UNNAMED_IN_CAPTIONS,
     digit_indices,
-    mini_task_names,
     render,
     sample_scene,
     texture_tiles,
 )
 from safemerge.data.mini_v1_captions import COLOUR_WORDS, SHAPE_WORDS, TEXTURE_WORDS, CaptionedScenes
+from safemerge.data.mini_v1_tasks import mini_task_names
 from safemerge.data.registry import SPLITS, get_task, task_names
 
 NUM_CLASSES = {"mini_shape": 6, "mini_color": 8, "mini_count": 4, "mini_digit": 10, "mini_texture": 6}

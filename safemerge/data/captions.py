@@ -53,7 +53,7 @@ class CaptionDataModule(L.LightningDataModule):
         corpus: str = "scenes",
     ) -> None:
         super().__init__()
-        from safemerge.data.mini_v1 import mini_task_names
+        from safemerge.data.mini_v1_tasks import mini_task_names
         from safemerge.data.mini_v2 import domain_task_names
 
         if corpus not in ("scenes", "domains"):

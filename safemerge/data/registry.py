@@ -43,8 +43,8 @@ def _load_builtin_tasks() -> None:
     if _BUILTIN_LOADED:
         return
     _BUILTIN_LOADED = True
-    from safemerge.data import mini_v1, mini_v2, offline, real
+    from safemerge.data import mini_v1_tasks, mini_v2, offline, real
 
-    for module in (mini_v1, mini_v2, offline, real):
+    for module in (mini_v1_tasks, mini_v2, offline, real):
         for task in module.TASKS:
             register_task(task)

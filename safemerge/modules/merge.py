@@ -32,6 +32,17 @@ warnings.filterwarnings("ignore", message="You're resuming from a checkpoint tha
 LEARNED_FILE = "learned.safetensors"
 
 
+def _check_arguments(method: MergeMethod, defense: Defense | None, checkpoint_every: int | None) -> None:
+    if checkpoint_every is not None and checkpoint_every < 1:
+        raise ConfigError(f"checkpoint_every is a number of adaptation steps >= 1 (or null), got {checkpoint_every}")
+    if not isinstance(method, (StaticMerge, LearnedMerge)):
+        raise ConfigError(
+            f"method must be a safemerge.merging method (a StaticMerge or a LearnedMerge), got {type(method).__name__}"
+        )
+    if defense is not None and not isinstance(defense, Defense):
+        raise ConfigError(f"defense must be a safemerge.defenses defence, got {type(defense).__name__}")
+
+
 class MergeModule(L.LightningModule):
     """Merge the image towers of N experts into one multi-task tower, then report ACC and ASR.
 
@@ -85,16 +96,7 @@ class MergeModule(L.LightningModule):
         self.save_hyperparameters(ignore=["method", "defense"])
         self.automatic_optimization = False
         self.strict_loading = False  # a resume checkpoint holds the learned tensors only (on_load_checkpoint)
-        if checkpoint_every is not None and checkpoint_every < 1:
-            raise ConfigError(
-                f"checkpoint_every is a number of adaptation steps >= 1 (or null), got {checkpoint_every}"
-            )
-        if not isinstance(method, (StaticMerge, LearnedMerge)):
-            raise ConfigError(
-                f"method must be a safemerge.merging method (a StaticMerge or a LearnedMerge), got {type(method).__name__}"
-            )
-        if defense is not None and not isinstance(defense, Defense):
-            raise ConfigError(f"defense must be a safemerge.defenses defence, got {type(defense).__name__}")
+        _check_arguments(method, defense, checkpoint_every)
         self.method, self.defense = method, defense
         # What W&B (and any logger) records of the method and the defence.
         self.hparams.update(method=method.describe(), defense=defense.describe() if defense else None)
@@ -123,18 +125,7 @@ class MergeModule(L.LightningModule):
             checkpoint_chunk=checkpoint_chunk,
         )
         static = method.merge(base, states) if isinstance(method, StaticMerge) else None
-        self.learner: MergeLearner | None = None
-        if isinstance(method, LearnedMerge) or defense is not None:
-            self.learner = MergeLearner(
-                self.encoder,
-                self.classifier,
-                method,
-                self.task_names,
-                self.image_size,
-                self.seed,
-                defense=defense,
-                static_weights=static,
-            )
+        self.learner = self._learner(static) if isinstance(method, LearnedMerge) or defense is not None else None
         self.static_weights = static
         del pool, states
         self.val_metrics = Evaluation(tasks, self.backdoors)
@@ -142,6 +133,19 @@ class MergeModule(L.LightningModule):
         self.expert_metrics = Evaluation(tasks)  # each expert on its own task
         self._eval_weights: dict[str, Tensor] | None = None
         self._expert_weights: tuple[int, dict[str, Tensor]] | None = None
+
+    def _learner(self, static_weights: dict[str, Tensor] | None) -> MergeLearner:
+        """The learned parts of the method and the defence, and the schedule that trains them."""
+        return MergeLearner(
+            self.encoder,
+            self.classifier,
+            self.method,
+            self.task_names,
+            self.image_size,
+            self.seed,
+            defense=self.defense,
+            static_weights=static_weights,
+        )
 
     # ------------------------------------------------------------------ set-up
 
