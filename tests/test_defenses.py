@@ -11,21 +11,12 @@ weight: a defence must shrink its mask entry, not the clean ones.
 import pytest
 import torch
 
+# the linear toy tower and its pixel roles, shared with the defences' other toys
+from defense_toys import BIAS, LOGIT_SCALE, SIGNAL_0, SIGNAL_1, TRIGGER, LinearTower
+
 from safemerge.merging import MergedEncoder, TaskArithmetic
 from safemerge.merging.learner import MergeLearner
 from safemerge.models import ImageClassifier
-
-SIGNAL_0, SIGNAL_1, TRIGGER, BIAS = 0, 1, 2, 3
-LOGIT_SCALE = 4.0  # soft enough that the clean loss still holds the clean weights
-
-
-class LinearTower(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.proj = torch.nn.Linear(12, 2, bias=False)
-
-    def forward(self, x):
-        return self.proj(x.flatten(1))
 
 
 def backdoored_update() -> torch.Tensor:
