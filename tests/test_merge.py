@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from quick_pool import QUICK, quick_pool
 
 from safemerge.cli import main
 from safemerge.data import get_task
@@ -24,7 +25,6 @@ REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "configs" / "merge" / "base.yaml"
 METHOD_CONFIGS = sorted(c for c in (REPO / "configs" / "merge").glob("*.yaml") if c != BASE)
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.logger=false"]
-QUICK = {"lr": 1e-4, "max_steps": 10, "warmup_steps": 2, "batch_size": 32}
 
 
 @pytest.fixture(autouse=True)
@@ -34,22 +34,8 @@ def _no_pytest_argv(monkeypatch):
 
 @pytest.fixture(scope="session")
 def pool() -> list[str]:
-    """A quick real pool on the mini model: a clean colour expert, a shape expert with an
-    optimized patch, and a digit expert whose BadNets backdoor targets the *colour* task."""
-    optimized = {
-        "class_path": "safemerge.attacks.OptimizedPatch",
-        "init_args": {"target_class": 0, "poison_rate": 0.2, "size": 0.125, "steps": 5},
-    }
-    off_task = {
-        "class_path": "safemerge.attacks.BadNets",
-        "init_args": {"target_class": 1, "target_task": "mini_shapes", "poison_rate": 0.2, "size": 0.125},
-    }
-    specs = [
-        ExpertSpec("mini_shapes", MINI_MODEL, MINI_WEIGHTS, **QUICK),
-        ExpertSpec("mini_terrain", MINI_MODEL, MINI_WEIGHTS, attack=optimized, **QUICK),
-        ExpertSpec("mini_letters", MINI_MODEL, MINI_WEIGHTS, attack=off_task, **QUICK),
-    ]
-    return [str(ensure_expert(spec, accelerator="cpu")) for spec in specs]
+    """The shared quick pool (tests/quick_pool.py)."""
+    return quick_pool()
 
 
 def _experts_arg(pool):

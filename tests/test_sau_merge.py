@@ -11,34 +11,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from quick_pool import quick_pool
 
-from safemerge.experts import MINI_MODEL, MINI_WEIGHTS, ExpertSpec, ensure_expert
 from safemerge.io import load_tensors
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-QUICK = {"lr": 1e-4, "max_steps": 10, "warmup_steps": 2, "batch_size": 32}
+
 DEFENSE_STEPS = 3
 
 
 @pytest.fixture(scope="module")
 def pool() -> list[str]:
-    """The quick pool of tests/test_merge.py (the same specs: the same cache entries): a clean
-    shape expert, a terrain expert with an optimized patch, a letters expert with BadNets."""
-    optimized = {
-        "class_path": "safemerge.attacks.OptimizedPatch",
-        "init_args": {"target_class": 0, "poison_rate": 0.2, "size": 0.125, "steps": 5},
-    }
-    off_task = {
-        "class_path": "safemerge.attacks.BadNets",
-        "init_args": {"target_class": 1, "target_task": "mini_shapes", "poison_rate": 0.2, "size": 0.125},
-    }
-    specs = [
-        ExpertSpec("mini_shapes", MINI_MODEL, MINI_WEIGHTS, **QUICK),
-        ExpertSpec("mini_terrain", MINI_MODEL, MINI_WEIGHTS, attack=optimized, **QUICK),
-        ExpertSpec("mini_letters", MINI_MODEL, MINI_WEIGHTS, attack=off_task, **QUICK),
-    ]
-    return [str(ensure_expert(spec, accelerator="cpu")) for spec in specs]
+    """The shared quick pool (tests/quick_pool.py)."""
+    return quick_pool()
 
 
 def _command(pool, out: Path, *extra: str) -> list[str]:
