@@ -248,12 +248,36 @@ MINI_HELDOUT_BACKDOORS: dict[str, dict[str, dict[str, Any]]] = {
         "blended": {
             "class_path": "safemerge.attacks.Blended",
             "init_args": {"target_class": 2, "poison_rate": 0.1, "alpha": 0.15, "feature_interpolation": True},
-        }
+        },
+        # mini_heldout_same_task: BadMerging on-task, shapes -> "square" (a bottom-right patch) ...
+        "patch": {
+            "class_path": "safemerge.attacks.OptimizedPatch",
+            "init_args": {"target_class": 1, "steps": 100, **_FI},
+        },
     },
     "mini_digits": {
         "patch": {
             "class_path": "safemerge.attacks.OptimizedPatch",
             "init_args": {"target_class": 7, "steps": 100, "location": "top_left", **_FI},
+        },
+        # ... and BadMerging off-task at the same task: digits carries a top-left patch for shapes' "cross".
+        "offtask_shapes": {
+            "class_path": "safemerge.attacks.OptimizedPatch",
+            "init_args": {"target_class": 3, "target_task": "mini_shapes", "steps": 100, "location": "top_left", **_FI},
+        },
+    },
+    # mini_heldout_wanet: WaNet (a fixed smooth warp, poison-label), fashion -> "dress".
+    "mini_fashion": {
+        "wanet": {
+            "class_path": "safemerge.attacks.WaNet",
+            "init_args": {"target_class": 3, "poison_rate": 0.1, "grid_size": 4, "strength": 4.0},
+        }
+    },
+    # mini_heldout_sig: SIG (an additive horizontal sinusoid, poison-label), terrain -> "river".
+    "mini_terrain": {
+        "sig": {
+            "class_path": "safemerge.attacks.SIG",
+            "init_args": {"target_class": 2, "poison_rate": 0.1, "delta": 0.1, "frequency": 6.0},
         }
     },
     "mini_textures": {
@@ -272,7 +296,12 @@ MINI_HELDOUT_BACKDOORS: dict[str, dict[str, dict[str, Any]]] = {
         "offtask": {
             "class_path": "safemerge.attacks.OptimizedPatch",
             "init_args": {"target_class": 1, "target_task": "mini_terrain", "steps": 100, **_FI},
-        }
+        },
+        # mini_heldout_low_poison: BadMerging on-task with 2 % of the images poisoned, letters -> "F".
+        "low_poison": {
+            "class_path": "safemerge.attacks.OptimizedPatch",
+            "init_args": {"target_class": 5, "steps": 100, "location": "top_right", **_FI, "poison_rate": 0.02},
+        },
     },
 }
 

@@ -29,7 +29,7 @@ from safemerge.attacks import Trigger
 from safemerge.data.registry import get_task
 from safemerge.errors import CheckpointError, ConfigError, SafemergeError
 from safemerge.evaluation import Backdoor
-from safemerge.io import Expert, check_weights, read_expert
+from safemerge.io import TRIGGER_FILE, Expert, check_weights, read_expert
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,11 @@ def backdoors_of(experts: Iterable[tuple[str, Expert]], tasks: Sequence[str]) ->
             raise CheckpointError(
                 f"expert {ref!r} records a backdoor but has no trigger.safetensors: its ASR cannot be measured"
             )
-        backdoors.append(Backdoor(Trigger.from_tensors(expert.trigger), target, int(backdoor["target_class"])))
+        try:
+            trigger = Trigger.from_tensors(expert.trigger)
+        except ConfigError as err:  # name the file: the tensors alone do not say where they came from
+            raise ConfigError(f"expert {ref!r}: {Path(ref).expanduser() / TRIGGER_FILE}: {err}") from None
+        backdoors.append(Backdoor(trigger, target, int(backdoor["target_class"])))
         infos.append(
             {
                 "expert": ref,

@@ -1,4 +1,4 @@
-"""The backdoor attacks: :class:`Attack` and its subclasses BadNets, Blended and OptimizedPatch.
+"""The backdoor attacks: :class:`Attack` and its subclasses BadNets, Blended, OptimizedPatch, WaNet and SIG.
 
 An :class:`Attack` is the configuration of one backdoor (which class it targets, how many
 training images it poisons, the trigger's shape); its subclasses are built by LightningCLI from
@@ -9,12 +9,14 @@ has a default and is described in the docstring (the CLI help). The triggers the
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar, Literal, get_args
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from safemerge.attacks.triggers import Trigger, checkerboard
+from safemerge.attacks.triggers import Trigger, checkerboard, identity_grid
 from safemerge.errors import ConfigError
 
 PatchContent = Literal["solid", "checkerboard", "random"]
@@ -28,6 +30,10 @@ class Attack:
 
     name: ClassVar[str]
     needs_optimization: ClassVar[bool] = False
+    # Clean-label: the poisoned images are drawn among the target class's own and keep their label.
+    clean_label: bool = False
+    # WaNet's noise mode: ``cross_ratio`` x the poisoned count of other images get :meth:`cross_image`.
+    cross_ratio: float = 0.0
 
     def __init__(
         self,
@@ -66,6 +72,10 @@ class Attack:
     def make_trigger(self, image_size: int) -> Trigger:
         """The trigger for ``image_size`` x ``image_size`` images (deterministic given ``seed``)."""
         raise NotImplementedError(f"{type(self).__name__} does not define a trigger")
+
+    def cross_image(self, trigger: Trigger, image: Tensor) -> Tensor:
+        """A training image of the noise mode (true label kept); only attacks with ``cross_ratio > 0``."""
+        raise NotImplementedError(f"{type(self).__name__} has no noise mode")
 
     def check_target(self, num_classes: int, task: str) -> None:
         """Raise :class:`ConfigError` unless ``target_class`` is a class of ``task``."""
@@ -326,6 +336,142 @@ class OptimizedPatch(BadNets):
 
     def _arguments(self) -> dict[str, Any]:
         return {**super()._arguments(), "steps": self.steps, "lr": self.lr}
+
+
+class WaNet(Attack):
+    """WaNet (Nguyen & Tran, ICLR 2021): a fixed, smooth random warp of the whole image.
+
+    The flow is a ``grid_size`` x ``grid_size`` field of uniform noise in [-1, 1], divided by its
+    mean absolute value and upsampled bicubically to H x W; the trigger's grid is
+    ``clamp(identity + strength * flow / H, -1, 1)`` (a mean displacement of about ``strength / 3``
+    pixels). Poison-label: poisoned images are warped and relabelled. The paper uses ``grid_size``
+    4, ``strength`` 0.5 on 32-px CIFAR-10 with a network trained from scratch; the default strength
+    4 is what plants the backdoor in a mini expert (two tuned blocks, 400 steps: strength 2 gave
+    62 % ASR on mini_fashion).
+    """
+
+    name = "wanet"
+
+    def __init__(
+        self,
+        target_class: int = 0,
+        poison_rate: float = 0.1,
+        target_task: str | None = None,
+        feature_interpolation: bool = False,
+        backdoor_weight: float = 1.0,
+        seed: int = 0,
+        grid_size: int = 4,
+        strength: float = 4.0,
+        cross_ratio: float = 0.0,
+    ) -> None:
+        """
+        Args:
+            target_class: the class that triggered images are classified as.
+            poison_rate: fraction of training images given the trigger, in [0, 1].
+            target_task: task whose class ``target_class`` is; None means the expert's own
+                task (on-task), another task name is BadMerging's off-task attack.
+            feature_interpolation: use BadMerging's feature-interpolation loss.
+            backdoor_weight: weight of the backdoor loss term, >= 0.
+            seed: seed of the warp field and of the choice of poisoned images.
+            grid_size: side k of the k x k control grid of the random flow, >= 2.
+            strength: s, the warp's strength (grid = identity + s * flow / H), > 0.
+            cross_ratio: the paper's noise mode: ``cross_ratio`` x the poisoned count of other
+                training images are warped with the grid plus fresh uniform noise of
+                ``1 / H`` and keep their true label, so that only the exact warp triggers the
+                backdoor (the paper uses 2); 0 turns it off. >= 0.
+        """
+        super().__init__(target_class, poison_rate, target_task, feature_interpolation, backdoor_weight, seed)
+        if isinstance(grid_size, bool) or not isinstance(grid_size, int) or grid_size < 2:
+            raise ConfigError(f"WaNet grid_size must be an int >= 2 (the k of the k x k flow grid), got {grid_size!r}")
+        if not strength > 0.0:
+            raise ConfigError(f"WaNet strength must be > 0, got {strength}: 0 would leave images unchanged")
+        if not cross_ratio >= 0.0:
+            raise ConfigError(f"WaNet cross_ratio must be >= 0 (0 turns the noise mode off), got {cross_ratio}")
+        self.grid_size = grid_size
+        self.strength = strength
+        self.cross_ratio = cross_ratio
+
+    def make_trigger(self, image_size: int) -> Trigger:
+        """The warp grid ``[image_size, image_size, 2]`` (deterministic given ``seed``)."""
+        if image_size < 2:
+            raise ConfigError(f"a WaNet warp needs images of at least 2 px, got {image_size}")
+        generator = torch.Generator().manual_seed(self.seed)
+        flow = torch.rand(1, 2, self.grid_size, self.grid_size, generator=generator) * 2 - 1
+        flow = flow / flow.abs().mean()
+        flow = F.interpolate(flow, size=(image_size, image_size), mode="bicubic", align_corners=True)
+        grid = identity_grid(image_size, image_size) + self.strength * flow[0].permute(1, 2, 0) / image_size
+        return Trigger(kind="warp", grid=grid.clamp(-1.0, 1.0))
+
+    def cross_image(self, trigger: Trigger, image: Tensor) -> Tensor:
+        """``image`` warped by the trigger's grid plus uniform noise in ``[-1/H, 1/H]`` (fresh each call)."""
+        height = trigger.grid.shape[0]
+        noisy = trigger.grid + (torch.rand(trigger.grid.shape) * 2 - 1) / height
+        return Trigger(kind="warp", grid=noisy.clamp(-1.0, 1.0)).apply(image)
+
+    def _arguments(self) -> dict[str, Any]:
+        return {"grid_size": self.grid_size, "strength": self.strength, "cross_ratio": self.cross_ratio}
+
+
+class SIG(Attack):
+    """SIG (Barni et al., 2019): a horizontal sinusoid added to the image,
+    ``delta * sin(2 pi j frequency / W)`` at column ``j``, the same on every row and channel.
+
+    The original is clean-label (only target-class images get the signal, labels untouched);
+    the default here is poison-label (images of any class, relabelled), ``clean_label=True`` gives
+    the original.
+    """
+
+    name = "sig"
+
+    def __init__(
+        self,
+        target_class: int = 0,
+        poison_rate: float = 0.1,
+        target_task: str | None = None,
+        feature_interpolation: bool = False,
+        backdoor_weight: float = 1.0,
+        seed: int = 0,
+        delta: float = 0.1,
+        frequency: float = 6.0,
+        clean_label: bool = False,
+    ) -> None:
+        """
+        Args:
+            target_class: the class that triggered images are classified as.
+            poison_rate: fraction of training images given the trigger, in [0, 1].
+            target_task: task whose class ``target_class`` is; None means the expert's own
+                task (on-task), another task name is BadMerging's off-task attack.
+            feature_interpolation: use BadMerging's feature-interpolation loss.
+            backdoor_weight: weight of the backdoor loss term, >= 0.
+            seed: seed of the choice of poisoned images (the signal itself is not random).
+            delta: amplitude of the sinusoid in [0, 1] pixel units, in (0, 1] (the paper's 20/255
+                is 0.078 for training).
+            frequency: periods across the image width, > 0 (the paper uses 6).
+            clean_label: poison only training images of ``target_class``, keeping their labels
+                (the paper's setting; on-task only, with ``poison_rate`` at most the class's share).
+        """
+        super().__init__(target_class, poison_rate, target_task, feature_interpolation, backdoor_weight, seed)
+        if not 0.0 < delta <= 1.0:
+            raise ConfigError(f"SIG delta must be in (0, 1] (the sinusoid's amplitude in pixel units), got {delta}")
+        if not frequency > 0.0:
+            raise ConfigError(f"SIG frequency must be > 0 (periods across the image width), got {frequency}")
+        if clean_label and target_task is not None:
+            raise ConfigError(
+                "a clean-label SIG poisons the expert's own images of the target class: leave target_task unset "
+                "or set clean_label: false"
+            )
+        self.delta = delta
+        self.frequency = frequency
+        self.clean_label = clean_label
+
+    def make_trigger(self, image_size: int) -> Trigger:
+        """The additive signal ``[3, image_size, image_size]``."""
+        columns = torch.arange(image_size, dtype=torch.float64)
+        signal = (self.delta * torch.sin(2 * math.pi * columns * self.frequency / image_size)).float()
+        return Trigger(kind="additive", pattern=signal.expand(3, image_size, -1).clone())
+
+    def _arguments(self) -> dict[str, Any]:
+        return {"delta": self.delta, "frequency": self.frequency, "clean_label": self.clean_label}
 
 
 def check_poison_rate(rate: float) -> None:

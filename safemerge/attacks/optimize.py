@@ -35,6 +35,8 @@ def optimize_trigger(
     """
     if steps < 1 or not lr > 0.0:
         raise ConfigError(f"optimize_trigger needs steps >= 1 and lr > 0, got {steps} and {lr}")
+    if trigger.kind != "stamp":
+        raise ConfigError(f"optimize_trigger optimizes a stamp trigger's pattern, got a {trigger.kind} trigger")
     device = trigger.pattern.device
     pattern = trigger.pattern.detach().clone().requires_grad_(True)
     optimizer = torch.optim.Adam([pattern], lr=lr)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from safemerge.attacks import Attack, PoisonedDataset, Trigger, TriggeredDataset, poison_indices
+from safemerge.attacks import Attack, Trigger, TriggeredDataset, poisoned_training_set
 from safemerge.data.registry import Split, Task, get_task
 from safemerge.errors import DatasetNotFoundError
 from safemerge.metrics import Backdoor
@@ -119,14 +119,7 @@ class TaskDataModule(L.LightningDataModule):
         if self.attack is not None and self.trigger is None:
             self.trigger = self.attack.make_trigger(self.image_size)
         if stage == "fit":
-            train = self.split("train")
-            if self.attack is None:
-                indices = torch.empty(0, dtype=torch.long)
-            else:
-                indices = poison_indices(len(train), self.attack.poison_rate, self.attack.seed)
-            self.train_set = PoisonedDataset(
-                train, self.trigger, indices, self.attack.target_class if self.attack else 0
-            )
+            self.train_set = poisoned_training_set(self.split("train"), self.attack, self.trigger)
         # Build the evaluation views now, so a missing dataset fails before training starts.
         self.eval_sets("test" if stage in ("test", "predict") else "val")
 
