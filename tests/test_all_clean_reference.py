@@ -16,7 +16,19 @@ def _experts(pool):
     return yaml.safe_load((POOLS / f"{pool}.yaml").read_text())["model"]["init_args"]["experts"]
 
 
-@pytest.mark.parametrize("pool", ["mini_default", "mini_heldout_blended", "mini_heldout_offtask", "mini_heldout_two"])
+@pytest.mark.parametrize(
+    "pool",
+    [
+        "mini_default",
+        "mini_heldout_blended",
+        "mini_heldout_offtask",
+        "mini_heldout_two",
+        "mini_heldout_wanet",
+        "mini_heldout_sig",
+        "mini_heldout_same_task",
+        "mini_heldout_low_poison",
+    ],
+)
 def test_the_clean_twins_of_every_backdoored_pool_are_the_all_clean_pool(pool):
     references = backdoored_mini_pool(pool)
     assert references != _experts("mini_clean")  # it has backdoored experts ...

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from safemerge.attacks import (
+    SIG,
     Attack,
     BadNets,
     Blended,
@@ -19,12 +20,13 @@ from safemerge.attacks import (
     PoisonedDataset,
     Trigger,
     TriggeredDataset,
+    WaNet,
     optimize_trigger,
     poison_indices,
 )
 from safemerge.errors import ConfigError
 
-ATTACKS = (BadNets, Blended, OptimizedPatch)
+ATTACKS = (BadNets, Blended, OptimizedPatch, WaNet, SIG)
 
 
 class ToyImages(Dataset):
@@ -292,6 +294,12 @@ def test_blend_alpha_zero():
         (lambda: Blended(pattern="dots"), "pattern must be one of"),
         (lambda: BadNets(backdoor_weight=-1.0), "backdoor_weight must be >= 0"),
         (lambda: OptimizedPatch(steps=0), "steps must be >= 1"),
+        (lambda: WaNet(grid_size=1), "WaNet grid_size must be an int >= 2"),
+        (lambda: WaNet(strength=0.0), "WaNet strength must be > 0"),
+        (lambda: WaNet(cross_ratio=-1.0), "WaNet cross_ratio must be >= 0"),
+        (lambda: SIG(delta=0.0), r"SIG delta must be in \(0, 1\]"),
+        (lambda: SIG(frequency=0.0), "SIG frequency must be > 0"),
+        (lambda: SIG(clean_label=True, target_task="mini_digits"), "clean-label SIG poisons the expert's own"),
     ],
 )
 def test_other_bad_arguments(make, message):
@@ -342,6 +350,7 @@ def test_built_from_a_class_path_config():
 def test_needs_optimization_flags():
     assert OptimizedPatch.needs_optimization and OptimizedPatch().content == "random"
     assert not BadNets.needs_optimization and not Blended.needs_optimization
+    assert not WaNet.needs_optimization and not SIG.needs_optimization
 
 
 # --- trigger optimization ---------------------------------------------------------------------

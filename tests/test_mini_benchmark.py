@@ -87,7 +87,7 @@ def test_held_out_pools_use_other_attacks_tasks_and_targets_than_the_dev_pool():
     dev = attacks("mini_default.yaml")
     assert dev == MINI_BACKDOORS
     held_out = [attacks(f.name) for f in sorted((REPO / "configs/pools").glob("mini_heldout_*.yaml"))]
-    assert len(held_out) == 3 and sorted(len(pool) for pool in held_out) == [1, 1, 2]
+    assert len(held_out) == 7 and sorted(len(pool) for pool in held_out) == [1, 1, 1, 1, 1, 2, 2]
     dev_targets = {
         (a["init_args"].get("target_task") or task, a["init_args"]["target_class"]) for task, a in dev.items()
     }
@@ -99,7 +99,7 @@ def test_held_out_pools_use_other_attacks_tasks_and_targets_than_the_dev_pool():
                 attack["init_args"]["target_class"],
             ) not in dev_targets
     kinds = {a["class_path"].rsplit(".", 1)[-1] for pool in held_out for a in pool.values()}
-    assert kinds == {"Blended", "OptimizedPatch", "BadNets"}
+    assert kinds == {"Blended", "OptimizedPatch", "BadNets", "WaNet", "SIG"}
 
 
 @pytest.mark.parametrize("config", ["pretrain.yaml", "pretrain_v2.yaml"])
