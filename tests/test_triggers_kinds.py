@@ -255,3 +255,37 @@ def test_poisoned_dataset_refuses_noise_images_that_are_also_poisoned():
         PoisonedDataset(
             LabelledImages([0, 1]), TRIGGERS["warp"], torch.tensor([0]), 0, torch.tensor([0]), lambda t, x: x
         )
+
+
+# --- two backdoors aimed at one task (mini_heldout_same_task) ------------------------------------
+
+
+def test_two_backdoors_on_one_task_are_each_measured_with_their_own_trigger_and_target():
+    from safemerge.data import get_task
+    from safemerge.data.datamodule import evaluation_views
+    from safemerge.evaluation import Backdoor, Evaluation
+
+    task = get_task("mini_shapes")
+    patch = Backdoor(BadNets(size=0.25).make_trigger(8), "mini_shapes", 1)
+    sinusoid = Backdoor(SIG(delta=0.3).make_trigger(8), "mini_shapes", 3)
+    source = LabelledImages(labels=[0, 1, 2, 3, 4, 5], size=8)
+    views = evaluation_views([task], [patch, sinusoid], lambda t: source)
+    assert len(views) == 3
+    for view, backdoor in zip(views[1:], (patch, sinusoid)):
+        for i in range(len(source)):
+            image, label = view[i]
+            assert torch.equal(image, backdoor.trigger.apply(source[i][0])) and label == source.labels[i]
+    labels = torch.tensor(source.labels)
+
+    def logits(predicted):
+        return torch.nn.functional.one_hot(torch.tensor(predicted), 6).float()
+
+    evaluation = Evaluation([task], [patch, sinusoid])
+    evaluation.update(0, logits([1, 1, 2, 3, 3, 3]), labels)  # clean: 1 of 5 non-1 to 1, 2 of 5 non-3 to 3
+    evaluation.update(1, logits([1, 1, 1, 1, 1, 0]), labels)  # the patch view: 4 of the 5 non-1 go to 1
+    evaluation.update(2, logits([0, 1, 2, 3, 3, 5]), labels)  # the sinusoid view: 1 of the 5 non-3 goes to 3
+    per_task, per_backdoor = evaluation.compute()
+    assert per_backdoor[0] == pytest.approx({"asr": 4 / 5, "target_rate": 1 / 5})
+    assert per_backdoor[1] == pytest.approx({"asr": 1 / 5, "target_rate": 2 / 5})
+    assert per_task["mini_shapes"]["asr"] == pytest.approx(0.5)  # their mean
+    assert per_task["mini_shapes"]["target_rate"] == pytest.approx(0.3)
