@@ -297,10 +297,18 @@ MINI_HELDOUT_BACKDOORS: dict[str, dict[str, dict[str, Any]]] = {
             "class_path": "safemerge.attacks.OptimizedPatch",
             "init_args": {"target_class": 1, "target_task": "mini_terrain", "steps": 100, **_FI},
         },
-        # mini_heldout_low_poison: BadMerging on-task with 2 % of the images poisoned, letters -> "F".
+        # mini_heldout_low_poison: BadNets (the dev pool's attack) with 2 % of the images poisoned,
+        # letters -> "F" (BadMerging's optimized patch with feature interpolation at 2 % did not
+        # plant: 0.6 % ASR).
         "low_poison": {
-            "class_path": "safemerge.attacks.OptimizedPatch",
-            "init_args": {"target_class": 5, "steps": 100, "location": "top_right", **_FI, "poison_rate": 0.02},
+            "class_path": "safemerge.attacks.BadNets",
+            "init_args": {
+                "target_class": 5,
+                "poison_rate": 0.02,
+                "size": 0.125,
+                "content": "checkerboard",
+                "location": "top_right",
+            },
         },
     },
 }
