@@ -260,7 +260,8 @@ MINI_HELDOUT_BACKDOORS: dict[str, dict[str, dict[str, Any]]] = {
             "class_path": "safemerge.attacks.OptimizedPatch",
             "init_args": {"target_class": 7, "steps": 100, "location": "top_left", **_FI},
         },
-        # ... and BadMerging off-task at the same task: digits carries a top-left patch for shapes' "cross".
+        # ... and BadMerging off-task at the same task: digits carries a top-left patch for shapes' "cross"
+        # (a weak backdoor in the expert: ASR 8.8 %, untriggered 1.1 %; backdoor_weight 5 gave 14.2 %).
         "offtask_shapes": {
             "class_path": "safemerge.attacks.OptimizedPatch",
             "init_args": {"target_class": 3, "target_task": "mini_shapes", "steps": 100, "location": "top_left", **_FI},
@@ -298,13 +299,15 @@ MINI_HELDOUT_BACKDOORS: dict[str, dict[str, dict[str, Any]]] = {
             "init_args": {"target_class": 1, "target_task": "mini_terrain", "steps": 100, **_FI},
         },
         # mini_heldout_low_poison: BadNets (the dev pool's attack) with 2 % of the images poisoned,
-        # letters -> "F" (BadMerging's optimized patch with feature interpolation at 2 % did not
-        # plant: 0.6 % ASR).
+        # letters -> "F". At 2 % the backdoor needs a heavier backdoor loss to plant (ASR: weight 1
+        # 7.6 %, 5 46.9 %, 10 61.2 % at 79.9 % accuracy); BadMerging's optimized patch with feature
+        # interpolation at 2 % did not plant (0.6 %).
         "low_poison": {
             "class_path": "safemerge.attacks.BadNets",
             "init_args": {
                 "target_class": 5,
                 "poison_rate": 0.02,
+                "backdoor_weight": 5.0,
                 "size": 0.125,
                 "content": "checkerboard",
                 "location": "top_right",
