@@ -174,11 +174,16 @@ class MergeLearner(nn.Module):
         return {t: l.argmax(-1) for t, l in self.logits(weights, batch).items()}
 
     @torch.no_grad()
-    def expert_pseudo_labels(self, batch: Batch) -> dict[str, Tensor]:
-        """Each task's images labelled by that task's own expert (``θ_0 + τ_i``, as fine-tuned):
-        label-free too, and as accurate on clean images as the experts are."""
+    def expert_logits(self, batch: Batch) -> dict[str, Tensor]:
+        """Each task's images classified by that task's own expert (``θ_0 + τ_i``, as fine-tuned)."""
         experts = {task: index for index, task in enumerate(self.tasks)}
-        return {t: self.logits(self.encoder.expert_weights(experts[t]), {t: x})[t].argmax(-1) for t, x in batch.items()}
+        return {t: self.logits(self.encoder.expert_weights(experts[t]), {t: x})[t] for t, x in batch.items()}
+
+    @torch.no_grad()
+    def expert_pseudo_labels(self, batch: Batch) -> dict[str, Tensor]:
+        """Each task's images labelled by that task's own expert: label-free too, and as
+        accurate on clean images as the experts are."""
+        return {t: l.argmax(-1) for t, l in self.expert_logits(batch).items()}
 
     def method_weights(self) -> dict[str, Tensor]:
         """The method's merged weights now (before any defence), detached."""
