@@ -293,8 +293,12 @@ def comparison_table(summary: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_asr_vs_accuracy(summary: Mapping[str, Mapping[str, Any]], path: str | Path) -> None:
-    """Average ASR against average accuracy, one point per method (error bars: std over runs)."""
+def plot_asr_vs_accuracy(
+    summary: Mapping[str, Mapping[str, Any]], path: str | Path, reference: tuple[float, float] | None = None
+) -> None:
+    """Average ASR against average accuracy, one point per method (error bars: std over runs);
+    ``reference``: the all-clean merge's ``(accuracy, asr)`` (fractions), drawn as a point: the
+    ASR that no backdoor gives, what a defence is judged against."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -316,6 +320,8 @@ def plot_asr_vs_accuracy(summary: Mapping[str, Mapping[str, Any]], path: str | P
             label=f"{method} (n={entry['runs']})",
             alpha=0.85,
         )
+    if reference is not None:
+        axes.plot(100 * reference[0], 100 * reference[1], "k*", markersize=12, label="all-clean reference")
     axes.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     axes.set_xlabel("average clean accuracy (%)")
     axes.set_ylabel("average attack success rate (%)")

@@ -146,7 +146,7 @@ class ExpertLabelMerging(LearnedMerge):
     granularity: Granularity = "layer"
     scaling_factor: float = 0.3
     steps: int = 200
-    lr: float = 1e-2
+    lr: float = 3e-2
     confidence: float = 0.0
 
     def check(self) -> None:
