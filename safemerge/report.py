@@ -36,6 +36,7 @@ def build_report(
     backdoors: Sequence[Mapping[str, Any]] = (),
     defense: Mapping[str, Any] | None = None,
     attribution: Mapping[str, Any] | None = None,
+    scan: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ``report.json`` document of the contract.
 
@@ -43,7 +44,9 @@ def build_report(
     images already classified as the target; both None without a backdoor on the task) and
     ``expert_accuracy`` (None if unknown); normalized accuracy is derived here. ``defense``:
     ``{"name", "params"}`` of a post-merge defence, or None; ``attribution``: which expert
-    carries a simulated trigger's effect (DAM), or None.
+    carries a simulated trigger's effect (DAM), or None; ``scan``: the pre-merge scan's
+    document (``safemerge-scan/1``, :mod:`safemerge.scan`) if the merge ran it, and what it did
+    with the flagged experts.
     """
     tasks = {}
     for task, r in results.items():
@@ -67,6 +70,7 @@ def build_report(
         "backdoors": list(backdoors),
         "defense": dict(defense) if defense else None,
         "attribution": dict(attribution) if attribution else None,
+        "scan": dict(scan) if scan else None,
         "config": dict(config),
         "runtime_s": runtime_s,
     }

@@ -117,3 +117,27 @@ def test_the_labels_are_the_experts_not_the_merges_own():
 def test_bad_options_are_one_line_errors(options, message):
     with pytest.raises(ConfigError, match=message):
         ExpertLabelMerging(**options)
+
+
+def test_expert_logits_are_each_experts_own_and_each_image_goes_through_its_expert_once(monkeypatch):
+    learner = _learner(ExpertLabelMerging(steps=1))
+    _, base, experts, heads = _pool()
+    batch = _batch()
+    calls = []
+    expert_weights = learner.encoder.expert_weights
+    monkeypatch.setattr(learner.encoder, "expert_weights", lambda i: calls.append(i) or expert_weights(i))
+
+    first = learner.expert_logits(batch)
+    for index, (task, images) in enumerate(batch.items()):
+        assert torch.allclose(first[task], _plain_logits(experts[index], heads[task], images), atol=1e-5)
+    assert sorted(calls) == [0, 1]
+    # the same images in another order, with 4 new ones: only the new ones are computed
+    new = _batch(seed=5)
+    mixed = {t: torch.cat([x.flip(0), new[t][:4]]) for t, x in batch.items()}
+    counted = []
+    logits = learner.logits
+    monkeypatch.setattr(learner, "logits", lambda w, b: counted.append(sum(len(x) for x in b.values())) or logits(w, b))
+    second = learner.expert_logits(mixed)
+    assert counted == [4, 4]
+    for index, (task, images) in enumerate(mixed.items()):
+        assert torch.allclose(second[task], _plain_logits(experts[index], heads[task], images), atol=1e-5)
