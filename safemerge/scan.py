@@ -8,12 +8,14 @@ against (``scripts/scan_pools.py``), nothing else.
 Method (Neural-Cleanse-style trigger inversion, chosen on the dev pool ``mini_default``; the
 figures: ``scripts/scan_pools.py``). For every expert ``i`` and every pool task ``t`` — an
 off-task backdoor lives on another task's head — the model ``θ_0 + τ_i`` with ``t``'s head gets
-a targeted trigger inverted on ``images`` unlabeled images of ``t``: a mask and a pattern over
-the whole image (:class:`~safemerge.merging.simulated_triggers.PatchTrigger`, area penalty
-:data:`AREA_WEIGHT`), pushed toward the class the images reach most easily
-(:func:`easiest_target`). The trigger is then cut to its ``budget`` strongest pixels (a binary
-mask, 2 % of the image) and applied to ``images`` *other* images of ``t``: its flip rate
-``f_{i,t}`` is the share of them, not already of the target class, that it sends there.
+targeted triggers inverted on ``images`` unlabeled images of ``t``, one toward every class of
+``t`` (Neural Cleanse's loop; ``targets="easiest"``: one, toward the class the images reach most
+easily, :func:`easiest_target` — cheaper, but on the dev pool it aimed at other classes than the
+backdoors'): a mask and a pattern over the whole image
+(:class:`~safemerge.merging.simulated_triggers.PatchTrigger`, area penalty :data:`AREA_WEIGHT`).
+Each is then cut to its ``budget`` strongest pixels (a binary mask, 2 % of the image) and
+applied to ``images`` *other* images of ``t``: its flip rate is the share of them, not already
+of its class, that it sends there; ``f_{i,t}`` is the best class's.
 Universal adversarial patches flip clean models too, and how easily depends on the task and on
 fine-tuning, so each expert is compared with its peers (Neural Cleanse's anomaly idea): its
 score is its largest excess over the pool's median flip rate, ``max_t (f_{i,t} − median_j
@@ -28,7 +30,7 @@ Public names, stable:
 - ``scan_models(tower, experts, tasks, heads, images, ...) -> list[dict]``: the method on models
   in memory (the tests' toy towers use it): one evidence record per expert.
 - ``main(argv)``: ``python -m safemerge.scan --experts DIR [DIR ...] --output scan.json
-  [--threshold T] [--images N] [--seed S]``.
+  [--threshold T] [--images N] [--seed S] [--targets every|easiest]``.
 
 The JSON (``write_json``, atomic)::
 
@@ -65,9 +67,12 @@ SCAN_FORMAT = "safemerge-scan/1"
 METHOD = "trigger inversion: max over tasks of the flip-rate excess over the pool median"
 # Chosen on the dev pool (mini_default): its highest clean score (0.75), so no clean dev expert is flagged.
 DEFAULT_THRESHOLD = 0.75
-DEFAULT_IMAGES = 16
-DEFAULT_STEPS = 25
+DEFAULT_IMAGES = 8
+DEFAULT_STEPS = 15
 DEFAULT_BUDGET = 0.02  # the inverted trigger's hard mask: this fraction of the image's pixels
+# "every": a trigger toward every class of a task (Neural Cleanse's loop; x classes the cost);
+# "easiest": one toward the class the images reach most easily.
+DEFAULT_TARGETS = "every"
 AREA_WEIGHT = 1.0  # mean(mask) costs up to 1, a cross-entropy's order: the mask grows only where it pays
 LEARNING_RATE = 0.1
 
@@ -80,6 +85,7 @@ def scan_experts(
     seed: int = 0,
     steps: int = DEFAULT_STEPS,
     budget: float = DEFAULT_BUDGET,
+    targets: str = DEFAULT_TARGETS,
     accelerator: str = "cpu",
     memo: dict | None = None,
 ) -> dict:
@@ -100,6 +106,8 @@ def scan_experts(
     from safemerge.pool import check_pool, read_pool
 
     _check_settings(threshold, images, steps, budget)
+    if targets not in ("every", "easiest"):
+        raise ConfigError(f"targets must be every or easiest, got {targets!r}")
     if not paths:
         raise ConfigError("no experts to scan: give expert directories (or mini:<task> references) to --experts")
     # Only mini: references are resolved: resolving a directory would log its expert.json's backdoor record.
@@ -122,6 +130,7 @@ def scan_experts(
         steps=steps,
         budget=budget,
         seed=seed,
+        targets=targets,
         keys=directories,
         memo=memo,
     )
@@ -160,6 +169,7 @@ def scan_models(
     steps: int = DEFAULT_STEPS,
     budget: float = DEFAULT_BUDGET,
     seed: int = 0,
+    targets: str = DEFAULT_TARGETS,
     keys: Sequence[str] | None = None,
     memo: dict | None = None,
 ) -> list[dict]:
@@ -184,11 +194,17 @@ def scan_models(
     for key, state in zip(keys, experts):
         weights = {k: state[k] for k in names}
         cached = memo.get(key, {}) if key is not None else {}
-        row = {
-            t: cached.get(t)
-            or invert_trigger(tower, weights, heads[t], images[t], mean_t, std_t, steps, budget, seed, t)
-            for t in pool_tasks
-        }
+        row = {}
+        for t in pool_tasks:
+            if t in cached:
+                row[t] = cached[t]
+                continue
+            goals = [None] if targets == "easiest" else range(len(heads[t]))
+            found = [
+                invert_trigger(tower, weights, heads[t], images[t], mean_t, std_t, steps, budget, seed, t, goal)
+                for goal in goals
+            ]
+            row[t] = max(found, key=lambda f: f["flip_rate"])  # the class the trigger reaches best
         if key is not None:
             memo[key] = {**cached, **row}
         rows.append(row)
@@ -226,11 +242,12 @@ def invert_trigger(
     budget: float,
     seed: int,
     task: str,
+    target: int | None = None,
 ) -> dict:
     """Invert a targeted trigger for one model and task; its flip rate on held-out images.
 
-    The soft mask and pattern are fit on the first half of ``images``, toward the class the
-    triggered images are closest to; the trigger is then cut to its ``budget`` strongest mask
+    The soft mask and pattern are fit on the first half of ``images``, toward ``target`` (None:
+    the class the triggered images reach most easily, :func:`easiest_target`); the trigger is then cut to its ``budget`` strongest mask
     pixels (a binary mask) and the flip rate measured on the second half: the share of images
     not already predicted as the target class that the trigger sends there.
     """
@@ -250,8 +267,11 @@ def invert_trigger(
         predicted = logits(fit).argmax(-1)
     for _ in range(steps):
         log_p = F.log_softmax(logits(trigger.apply(fit, task)), -1)
-        target = easiest_target(log_p.detach(), predicted)
-        loss = -log_p[predicted != target, target].mean() + trigger.penalty()
+        goal = easiest_target(log_p.detach(), predicted) if target is None else target
+        others = predicted != goal
+        if not others.any():  # every image is already of the class: nothing to flip toward it
+            break
+        loss = -log_p[others, goal].mean() + trigger.penalty()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -261,7 +281,8 @@ def invert_trigger(
         hard = torch.zeros_like(soft).flatten()
         hard[soft.flatten().topk(pixels).indices] = 1.0
         hard = hard.view_as(soft)
-        target = easiest_target(F.log_softmax(logits(trigger.apply(fit, task)), -1), predicted)
+        if target is None:
+            target = easiest_target(F.log_softmax(logits(trigger.apply(fit, task)), -1), predicted)
         clean = logits(held_out).argmax(-1)
         flipped = logits((1 - hard) * held_out + hard * trigger.pattern(task)).argmax(-1)
         keep = clean != target
@@ -305,10 +326,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--images", type=int, default=DEFAULT_IMAGES, help="unlabeled images per task (x2: fit, measure)"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--targets", choices=("every", "easiest"), default=DEFAULT_TARGETS, help="classes a trigger is inverted toward"
+    )
     args = parser.parse_args(argv)
     start = time.time()
     try:
-        document = scan_experts(args.experts, threshold=args.threshold, images=args.images, seed=args.seed)
+        document = scan_experts(
+            args.experts, threshold=args.threshold, images=args.images, seed=args.seed, targets=args.targets
+        )
         write_json(Path(args.output), document)
     except SafemergeError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -102,7 +102,7 @@ def _expert(directory, base, task, num_classes, seed, backdoor=None, model=MINI_
     return str(write_expert(directory, Expert(encoder=encoder, info=info)))
 
 
-FAST = {"images": 4, "steps": 2}
+FAST = {"images": 4, "steps": 2, "targets": "easiest"}  # one trigger per task: the contract, not the method
 
 
 def test_the_scan_json_is_ranked_flagged_above_the_threshold_and_blind_to_the_backdoor_record(base, tmp_path):
@@ -132,7 +132,10 @@ def test_the_command_writes_the_scan_json(base, tmp_path, capsys):
     a = _expert(tmp_path / "a", base, "mini_shapes", 6, seed=3)
     b = _expert(tmp_path / "b", base, "mini_textures", 6, seed=4)
     out = tmp_path / "out" / "scan.json"
-    assert main(["--experts", a, b, "--output", str(out), "--images", "4", "--threshold", "2"]) == 0
+    assert (
+        main(["--experts", a, b, "--output", str(out), "--images", "4", "--threshold", "2", "--targets", "easiest"])
+        == 0
+    )
     written = json.loads(out.read_text())
     assert written["format"] == SCAN_FORMAT and [e["flagged"] for e in written["experts"]] == [False, False]
     assert sorted(e["task"] for e in written["experts"]) == ["mini_shapes", "mini_textures"]
