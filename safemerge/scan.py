@@ -65,8 +65,8 @@ from safemerge.seeding import seeded_generator
 
 SCAN_FORMAT = "safemerge-scan/1"
 METHOD = "trigger inversion: max over tasks of the flip-rate excess over the pool median"
-# Chosen on the dev pool (mini_default): its highest clean score (0.75), so no clean dev expert is flagged.
-DEFAULT_THRESHOLD = 0.75
+# Chosen on the dev pool (mini_default): between its highest clean score (0.42) and its lowest backdoored one (0.50).
+DEFAULT_THRESHOLD = 0.45
 DEFAULT_IMAGES = 8
 DEFAULT_STEPS = 15
 DEFAULT_BUDGET = 0.02  # the inverted trigger's hard mask: this fraction of the image's pixels

@@ -11,6 +11,8 @@ score, the false alarms at the threshold, the ranking AUROC (backdoored vs clean
 pool), the seconds it took; and the AUROC over all pools' experts pooled. Only here is the truth
 read (each expert.json's ``backdoor`` record): it labels the scan, the scan never sees it. Pools
 that share experts invert each expert's triggers once (the seconds of a later pool exclude them).
+``--reuse DIR`` re-flags the ``<pool>.scan.json`` of an earlier run at ``--threshold`` instead of
+scanning again (scores do not depend on the threshold).
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ import yaml  # noqa: E402
 
 from safemerge.errors import ConfigError, SafemergeError  # noqa: E402
 from safemerge.experts import resolve_experts  # noqa: E402
-from safemerge.io import read_expert, write_json, write_text  # noqa: E402
-from safemerge.scan import DEFAULT_IMAGES, DEFAULT_THRESHOLD, scan_experts  # noqa: E402
+from safemerge.io import read_expert, read_json, write_json, write_text  # noqa: E402
+from safemerge.scan import DEFAULT_IMAGES, DEFAULT_THRESHOLD, scan_document, scan_experts  # noqa: E402
 
 POOLS = Path(__file__).resolve().parents[1] / "configs" / "pools"
 
@@ -48,12 +50,17 @@ def auroc(positives: list[float], negatives: list[float]) -> float | None:
     return wins / (len(positives) * len(negatives))
 
 
-def measure(name: str, threshold: float, images: int, seed: int, memo: dict) -> tuple[dict, dict]:
+def measure(name: str, threshold: float, images: int, seed: int, memo: dict, reuse: Path | None) -> tuple[dict, dict]:
     references = pool_references(name)
     directories = resolve_experts(references, "cpu")
     start = time.time()
-    scan = scan_experts(directories, threshold=threshold, images=images, seed=seed, memo=memo)
-    seconds = time.time() - start
+    if reuse is not None:  # re-flag an earlier scan of the pool at this threshold (the scores do not depend on it)
+        earlier = read_json(reuse / f"{name}.scan.json")
+        scan = scan_document(earlier["experts"], threshold)
+    else:
+        scan = scan_experts(directories, threshold=threshold, images=images, seed=seed, memo=memo)
+    seconds = earlier.get("seconds", 0.0) if reuse is not None else time.time() - start
+    scan["seconds"] = round(seconds, 1)
     truth = {d: read_expert(d).backdoor for d in directories}  # the label: read here only
     reference_of = dict(zip(directories, references))
     backdoored, clean = [], []
@@ -128,13 +135,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
     parser.add_argument("--images", type=int, default=None, help="images per task (default: the scan's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reuse", default=None, help="a folder of earlier <pool>.scan.json: re-flag them, no new scan")
     args = parser.parse_args(argv)
     output = Path(args.output)
     memo: dict = {}
+    reuse = Path(args.reuse) if args.reuse else None
     results = []
     try:
         for name in args.pools:
-            figures, scan = measure(name, args.threshold, args.images or DEFAULT_IMAGES, args.seed, memo)
+            figures, scan = measure(name, args.threshold, args.images or DEFAULT_IMAGES, args.seed, memo, reuse)
             write_json(output / f"{name}.scan.json", scan)
             results.append(figures)
             print(f"{name}: AUROC {figures['auroc']}, {figures['seconds']} s", flush=True)
