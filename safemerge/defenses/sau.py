@@ -11,14 +11,13 @@ from torch import Tensor, nn
 from safemerge.defenses.base import Defense
 from safemerge.errors import ConfigError
 from safemerge.merging.contract import Optimize
-from safemerge.merging.simulated_triggers import PatchTrigger, check_area_weight, check_budget, clamp_pixels
-
-
-def shared_wrong_log_probability(logits: Tensor, reference_logits: Tensor, labels: Tensor) -> Tensor:
-    """``mean log Σ_{c ≠ y} p(c) · p_ref(c)``: how likely both models agree on the same wrong class."""
-    joint = F.softmax(logits.float(), -1) * F.softmax(reference_logits.float(), -1)
-    wrong = joint.scatter(-1, labels[:, None], 0.0).sum(-1)
-    return wrong.clamp_min(1e-12).log().mean()
+from safemerge.merging.simulated_triggers import (
+    PatchTrigger,
+    check_area_weight,
+    check_budget,
+    clamp_pixels,
+    shared_wrong_log_probability,
+)
 
 
 @dataclass(eq=False)
