@@ -36,6 +36,7 @@ def build_report(
     backdoors: Sequence[Mapping[str, Any]] = (),
     defense: Mapping[str, Any] | None = None,
     attribution: Mapping[str, Any] | None = None,
+    scan: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ``report.json`` document of the contract.
 
@@ -43,7 +44,9 @@ def build_report(
     images already classified as the target; both None without a backdoor on the task) and
     ``expert_accuracy`` (None if unknown); normalized accuracy is derived here. ``defense``:
     ``{"name", "params"}`` of a post-merge defence, or None; ``attribution``: which expert
-    carries a simulated trigger's effect (DAM), or None.
+    carries a simulated trigger's effect (DAM), or None; ``scan``: the pre-merge scan's
+    document (``safemerge-scan/1``, :mod:`safemerge.scan`) if the merge ran it, and what it did
+    with the flagged experts.
     """
     tasks = {}
     for task, r in results.items():
@@ -67,6 +70,7 @@ def build_report(
         "backdoors": list(backdoors),
         "defense": dict(defense) if defense else None,
         "attribution": dict(attribution) if attribution else None,
+        "scan": dict(scan) if scan else None,
         "config": dict(config),
         "runtime_s": runtime_s,
     }
@@ -293,8 +297,12 @@ def comparison_table(summary: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_asr_vs_accuracy(summary: Mapping[str, Mapping[str, Any]], path: str | Path) -> None:
-    """Average ASR against average accuracy, one point per method (error bars: std over runs)."""
+def plot_asr_vs_accuracy(
+    summary: Mapping[str, Mapping[str, Any]], path: str | Path, reference: tuple[float, float] | None = None
+) -> None:
+    """Average ASR against average accuracy, one point per method (error bars: std over runs);
+    ``reference``: the all-clean merge's ``(accuracy, asr)`` (fractions), drawn as a point: the
+    ASR that no backdoor gives, what a defence is judged against."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -316,6 +324,8 @@ def plot_asr_vs_accuracy(summary: Mapping[str, Mapping[str, Any]], path: str | P
             label=f"{method} (n={entry['runs']})",
             alpha=0.85,
         )
+    if reference is not None:
+        axes.plot(100 * reference[0], 100 * reference[1], "k*", markersize=12, label="all-clean reference")
     axes.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     axes.set_xlabel("average clean accuracy (%)")
     axes.set_ylabel("average attack success rate (%)")

@@ -81,3 +81,31 @@ def test_unknown_names_are_refused_before_anything_runs(argv, message, capsys):
     with pytest.raises(SystemExit, match=re.escape(message)):
         compare_methods.main(["--dry-run", *argv])
     assert "trainer.py" not in capsys.readouterr().out
+
+
+def test_the_all_clean_reference_is_read_per_pool_and_drawn_as_a_point(tmp_path, monkeypatch):
+    import json
+
+    from matplotlib.figure import Figure
+
+    from safemerge.errors import ConfigError
+    from safemerge.report import plot_asr_vs_accuracy
+
+    entry = lambda acc, asr: {"task_arithmetic": {"0.3": {"average": {"accuracy": acc, "asr": asr}}}}  # noqa: E731
+    path = tmp_path / "all_clean_reference.json"
+    path.write_text(json.dumps({"pool_a": entry(0.6, 0.05), "pool_b": entry(0.7, 0.2)}))
+    assert compare_methods.all_clean_points(path, ["pool_b", "pool_a"]) == {"pool_b": (0.7, 0.2), "pool_a": (0.6, 0.05)}
+    with pytest.raises(ConfigError, match="no all-clean merge of pool 'pool_c'"):
+        compare_methods.all_clean_points(path, ["pool_a", "pool_c"])
+
+    drawn = {}
+    savefig = Figure.savefig
+
+    def record(self, *args, **kwargs):
+        drawn.update({line.get_label(): line.get_xydata().tolist() for line in self.axes[0].get_lines()})
+        savefig(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    summary = {"ta": {"runs": 1, "average": {"accuracy": (0.6, 0.0), "asr": (0.5, 0.0)}}}
+    plot_asr_vs_accuracy(summary, tmp_path / "plot.png", reference=(0.7, 0.2))
+    assert drawn["all-clean reference"] == [[70.0, 20.0]]

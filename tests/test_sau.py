@@ -131,3 +131,35 @@ def test_sau_with_one_attack_step_the_shipped_setting_switches_off_the_backdoor_
     weight = learner.merged_weights()[toy.NAME]
     assert torch.equal(toy.logits(weight, images).argmax(-1), labels)
     assert (toy.logits(weight, toy.triggered(images)).argmax(-1)[labels == 1] == 1).all()
+
+
+def test_the_inverted_patch_term_unlearns_the_patched_images_against_their_clean_labels():
+    """With ``patch_weight``, the mask gradient is that of ``CE(clean) + w · CE(patch(x), ŷ)``
+    (adv_weight 0 here), with the patch as its own step left it, written out by hand; the patch
+    term changes the gradient (dropping it, flipping its sign or its labels fails)."""
+    images, _ = toy.clean_images(n=8)
+    defense = SAU(steps=1, perturbation_eps=EPS, attack_steps=1, adv_weight=0.0, patch_weight=2.0, patch_lr=0.5)
+    learner = toy.learner(defense)
+    record = toy.Recorder()
+    learner.training_step(0, {"t": images}, learner.make_optimizers(), reduce=record)
+    assert len(record.grads) == 3  # the patch's mask and pattern logits, then the defence mask
+
+    patch = learner.defense_parts.patch
+    area, pattern = torch.sigmoid(patch.mask_logits[0]).detach(), torch.sigmoid(patch.pattern_logits[0]).detach()
+    assert not torch.allclose(area, torch.full_like(area, torch.sigmoid(torch.tensor(-3.0))))  # it took its step
+    patched = (1 - area) * images + area * pattern
+    pseudo = toy.logits(toy.weights(torch.ones(2, 12)), images).argmax(-1)
+    m = torch.ones(2, 12, requires_grad=True)
+    clean = F.cross_entropy(toy.logits(toy.weights(m), images), pseudo)
+    unlearning = F.cross_entropy(toy.logits(toy.weights(m), patched), pseudo)
+    (expected,) = torch.autograd.grad(clean + 2.0 * unlearning, m, retain_graph=True)
+    (clean_only,) = torch.autograd.grad(clean, m)
+    assert torch.allclose(record.grads[-1], expected, atol=1e-6)
+    assert not torch.allclose(expected, clean_only, atol=1e-3)
+
+
+def test_the_inverted_patch_is_a_part_only_when_its_term_is_on():
+    assert not hasattr(toy.learner(SAU(steps=1)).defense_parts, "patch")
+    assert "defense_patch" in toy.learner(SAU(steps=1, patch_weight=1.0)).optimizer_names()
+    with pytest.raises(Exception, match="patch_weight must be >= 0"):
+        SAU(steps=1, patch_weight=-1.0)

@@ -6,18 +6,18 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from safemerge.defenses.base import Defense
 from safemerge.errors import ConfigError
-from safemerge.merging.simulated_triggers import check_budget, clamp_pixels
-
-
-def shared_wrong_log_probability(logits: Tensor, reference_logits: Tensor, labels: Tensor) -> Tensor:
-    """``mean log Σ_{c ≠ y} p(c) · p_ref(c)``: how likely both models agree on the same wrong class."""
-    joint = F.softmax(logits.float(), -1) * F.softmax(reference_logits.float(), -1)
-    wrong = joint.scatter(-1, labels[:, None], 0.0).sum(-1)
-    return wrong.clamp_min(1e-12).log().mean()
+from safemerge.merging.contract import Optimize
+from safemerge.merging.simulated_triggers import (
+    PatchTrigger,
+    check_area_weight,
+    check_budget,
+    clamp_pixels,
+    shared_wrong_log_probability,
+)
 
 
 @dataclass(eq=False)
@@ -36,6 +36,12 @@ class SAU(Defense):
     2. **unlearning**: one mask step down ``CE(f(x), ŷ) + adv_weight · CE(f(x̃), ŷ)`` over the
        examples that are shared (both models predict the same class ≠ ŷ), then clipped to [0, 1].
 
+    With ``patch_weight > 0``, also **unlearning on an inverted patch**: a per-task
+    Neural-Cleanse trigger (mask and pattern, area penalty ``patch_area_weight``), one Adam step
+    per defence step toward the class its images are closest to, against the current defended
+    model — it finds a stamped patch (what BadMerging and BadNets plant, which no small ℓ∞
+    perturbation reaches); the mask step adds ``patch_weight · CE(f(patch(x)), ŷ)``.
+
     Args:
         steps: defence steps (after the method's).
         mask_lr: Adam learning rate of the mask.
@@ -43,6 +49,9 @@ class SAU(Defense):
         attack_steps: signed-gradient steps per batch (cost: two forward/backward each).
         adv_weight: weight of the unlearning term.
         pseudo_labels: ``merged`` or ``experts`` (:mod:`safemerge.defenses.base`).
+        patch_weight: weight of the inverted-patch unlearning term (0: none, SAU as published).
+        patch_lr: Adam learning rate of the inverted patch's mask and pattern logits.
+        patch_area_weight: the inverted patch's area penalty (``· mean(mask)``).
     """
 
     name = "sau"
@@ -52,14 +61,30 @@ class SAU(Defense):
     attack_steps: int = 2
     adv_weight: float = 1.0
     pseudo_labels: str = "merged"
+    patch_weight: float = 0.0
+    patch_lr: float = 0.1
+    patch_area_weight: float = 1e-3
 
     def check(self) -> None:
         super().check()
         if self.attack_steps < 1:
             raise ConfigError(f"sau: attack_steps must be >= 1, got {self.attack_steps}")
-        if self.adv_weight < 0:
-            raise ConfigError(f"sau: adv_weight must be >= 0, got {self.adv_weight}")
+        for key in ("adv_weight", "patch_weight", "patch_lr"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"sau: {key} must be >= 0, got {getattr(self, key)}")
         check_budget("sau", self.perturbation_eps)
+        check_area_weight("sau", self.patch_area_weight)
+
+    def parts(self, learner) -> dict[str, nn.Module]:
+        parts = super().parts(learner)
+        if self.patch_weight > 0:
+            patch = PatchTrigger(learner.tasks, learner.image_size, self.patch_area_weight, targeted=True)
+            parts["defense_parts"].patch = patch.to(learner.encoder.vectors(0).device)
+        return parts
+
+    def optimizers(self) -> tuple[Optimize, ...]:
+        patch = (Optimize("defense_patch", ("defense_parts.patch",), self.patch_lr),) if self.patch_weight > 0 else ()
+        return (*super().optimizers(), *patch)
 
     def shared_adversarial(self, learner, current, reference, batch, pseudo) -> dict[str, Tensor]:
         """Per-image perturbations toward a wrong class both models share (signed gradient ascent)."""
@@ -83,21 +108,42 @@ class SAU(Defense):
             current = self.defended_weights(learner)
         adversarial = self.shared_adversarial(learner, current, reference, batch, pseudo)
         reference_predictions = learner.pseudo_labels(reference, adversarial)
+        logs: dict[str, float] = {}
+        patched: dict[str, Tensor] = {}
+        if self.patch_weight > 0:  # the inverted patch takes its step against the current defended model
+            logs["patch_inversion_loss"] = learner.trigger_step(
+                parts.patch, current, batch, pseudo, optimizers["defense_patch"], reduce
+            )
+            with torch.no_grad():
+                patched = {t: parts.patch.apply(x, t) for t, x in batch.items()}
 
         weights = self.defended_weights(learner)
-        logits = learner.forward_pairs(weights, [*batch.items(), *adversarial.items()])
+        n = len(batch)
+        logits = learner.forward_pairs(weights, [*batch.items(), *adversarial.items(), *patched.items()])
         clean, unlearn, shared_count = 0.0, 0.0, 0
-        for (task, _), l, a in zip(batch.items(), logits[: len(batch)], logits[len(batch) :]):
+        for (task, _), l, a in zip(batch.items(), logits[:n], logits[n : 2 * n]):
             clean = clean + F.cross_entropy(l.float(), pseudo[task])
             shared = (a.argmax(-1) == reference_predictions[task]) & (reference_predictions[task] != pseudo[task])
             per_image = F.cross_entropy(a.float(), pseudo[task], reduction="none")
             unlearn = unlearn + (per_image * shared).sum() / len(a)
             shared_count += int(shared.sum())
         loss = clean + self.adv_weight * unlearn
+        if patched:
+            patch_unlearning = sum(F.cross_entropy(p.float(), pseudo[t]) for t, p in zip(patched, logits[2 * n :]))
+            loss = loss + self.patch_weight * patch_unlearning
+            logs["patch_unlearning_loss"] = float(patch_unlearning.detach())
         learner.update(optimizers["defense_mask"], loss, reduce)
         parts.masked_update.project_()
         return {
             "clean_loss": float(clean.detach()),
             "unlearning_loss": float(torch.as_tensor(unlearn).detach()),
             "shared_fraction": shared_count / sum(len(x) for x in batch.values()),
+            **logs,
         }
+
+    @torch.no_grad()
+    def statistics(self, learner) -> dict[str, float]:
+        stats = super().statistics(learner)
+        if self.patch_weight > 0:
+            stats.update({f"defense/patch/{k}": v for k, v in learner.defense_parts.patch.statistics().items()})
+        return stats

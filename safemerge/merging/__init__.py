@@ -3,7 +3,7 @@
 - :mod:`.arithmetic`: functions for users who merge without Lightning (:func:`task_vectors`,
   :func:`weight_average`, :func:`task_arithmetic`, :func:`ties_merging`);
 - :mod:`.contract`: what a method (and a defence) declares: hyper-parameters, learned parts, stages;
-- :mod:`.static`: the static methods; :mod:`.learned`: AdaMerging and the concrete-mask methods;
+- :mod:`.static`: the static methods; :mod:`.learned`: AdaMerging, merging by expert labels and the concrete-mask methods;
   :mod:`.dam`: DAM;
 - the learned methods' building blocks: :class:`MergedEncoder` (functional forward over
   ``θ_0 + Σ λ ⊙ m ⊙ τ``, :mod:`.merged`), :class:`ConcreteMask` (:mod:`.masks`), the simulated
@@ -19,9 +19,11 @@ from safemerge.merging.learned import (
     AdaMerging,
     ConcreteAdaMerging,
     ConcreteTaskArithmetic,
+    ExpertLabelMerging,
     LearnedMerge,
     MaskedMerge,
     entropy,
+    expert_label_loss,
 )
 from safemerge.merging.masks import ConcreteMask
 from safemerge.merging.merged import MergedEncoder
@@ -36,6 +38,7 @@ __all__ = [
     "DAMAdaMerging",
     "DAMTaskArithmetic",
     "DefenseAwareMask",
+    "ExpertLabelMerging",
     "LearnedMerge",
     "MaskedMerge",
     "MergeMethod",
@@ -47,6 +50,7 @@ __all__ = [
     "Ties",
     "WeightAverage",
     "entropy",
+    "expert_label_loss",
     "task_arithmetic",
     "task_vectors",
     "ties_merging",

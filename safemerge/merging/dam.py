@@ -9,7 +9,7 @@ steps; mixed in before :class:`~safemerge.merging.learned.ConcreteTaskArithmetic
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -21,35 +21,61 @@ from safemerge.merging.learned import ConcreteAdaMerging, ConcreteTaskArithmetic
 from safemerge.merging.masks import ConcreteMask, product
 from safemerge.merging.simulated_triggers import (
     PerturbationSpace,
-    TriggerShape,
     check_area_weight,
     check_budget,
+    clamp_pixels,
+    shared_wrong_log_probability,
     simulated_trigger,
 )
 
+PerformanceLoss = Literal["entropy", "expert_labels"]
 SafetyLoss = Literal["entropy", "consistency"]
+Trigger = Literal["additive", "patch", "shared"]
 Masks = Literal["single", "dual"]
 Attribution = Literal["none", "cap", "trim"]
+Labels = Mapping[str, Tensor]
 
 
-def _entropy_safety(clean: Sequence[Tensor], triggered: Sequence[Tensor]) -> Tensor:
-    # DAM's reference: confident predictions on triggered inputs (whatever the class)
-    return sum(entropy(t) for t in triggered)
+def _entropy_safety(triggered: Tensor, labels: Tensor) -> Tensor:
+    # DAM's reference: confident predictions on triggered inputs (whatever the class), per image
+    log_probs = F.log_softmax(triggered.float(), dim=-1)
+    return -(log_probs.exp() * log_probs).sum(-1)
 
 
-def _consistency_safety(clean: Sequence[Tensor], triggered: Sequence[Tensor]) -> Tensor:
-    # AWM/SAU's ask: the clean prediction kept under the trigger
-    return sum(F.cross_entropy(t.float(), c.argmax(-1).detach()) for c, t in zip(clean, triggered))
+def _consistency_safety(triggered: Tensor, labels: Tensor) -> Tensor:
+    # AWM/SAU's ask: the clean label kept under the trigger, per image
+    return F.cross_entropy(triggered.float(), labels, reduction="none")
 
 
 SAFETY_LOSSES = {"entropy": _entropy_safety, "consistency": _consistency_safety}
 CHOICES = {
     "masks": ("single", "dual"),
+    "performance_loss": ("entropy", "expert_labels"),
     "safety_loss": tuple(SAFETY_LOSSES),
     "perturbation_space": ("pixel", "normalized"),
-    "trigger": ("additive", "patch"),
+    "trigger": ("additive", "patch", "shared"),
     "attribution": ("none", "cap", "trim"),
 }
+
+
+def performance_loss(logits: Mapping[str, Tensor], labels: Labels | None) -> Tensor:
+    """The performance term, summed over tasks: the entropy of the predictions (``labels`` None,
+    AdaMerging's and DAM's) or their cross-entropy against the given labels (the experts')."""
+    if labels is None:
+        return sum(entropy(l) for l in logits.values())
+    return sum(F.cross_entropy(l.float(), labels[t]) for t, l in logits.items())
+
+
+def shared_adversarial(learner, current, reference, batch, labels: Labels, eps: float) -> dict[str, Tensor]:
+    """SAU's shared adversarial examples with one signed-gradient step (size 2.5 ε, then the ℓ∞
+    ball ε): per image, toward a wrong class that ``current`` and ``reference`` both predict."""
+    with torch.enable_grad():
+        deltas = {t: torch.zeros_like(x, requires_grad=True) for t, x in batch.items()}
+        images = {t: clamp_pixels(x + deltas[t], straight_through=True) for t, x in batch.items()}
+        ours, theirs = learner.logits(current, images), learner.logits(reference, images)
+        objective = sum(shared_wrong_log_probability(ours[t], theirs[t], labels[t]) for t in batch)
+        grads = dict(zip(deltas, torch.autograd.grad(objective, list(deltas.values()))))
+    return {t: (x + (2.5 * eps * grads[t].sign()).clamp(-eps, eps)).clamp(0, 1) for t, x in batch.items()}
 
 
 @dataclass(eq=False)
@@ -58,9 +84,13 @@ class DefenseAwareMask:
     the attribution of the trigger's effect to one expert.
 
     Per mask step, after the inner λ step: one step of the simulated trigger against the
-    merged model's own clean predictions (:meth:`MergeLearner.trigger_step`), then one mask
-    step on ``Σ_t H(clean) + α · L_safe`` (single mask) or ``m1`` on the first term and ``m2``
-    on the second (dual masks). After the last mask step the trigger's effect (the share of
+    clean labels (:meth:`MergeLearner.trigger_step`; ``shared``: per-image shared adversarial
+    examples instead), then one mask step on ``L_perf + α · L_safe`` (single mask) or ``m1`` on
+    the first term and ``m2`` on the second (dual masks). The clean labels are the merged
+    model's own predictions (``performance_loss: entropy``) or each task's expert's
+    (``expert_labels``, computed once per batch), for the trigger, the consistency loss, and
+    — with ``expert_labels`` — the performance term of the mask step, the inner λ step and the
+    AdaMerging stage (cross-entropy instead of entropy). After the last mask step the trigger's effect (the share of
     pseudo-labels it flips) is measured with each expert left out; the expert whose removal
     lowers it most is recorded (``report.json`` "attribution"), and capped or trimmed if
     ``attribution`` says so.
@@ -68,8 +98,10 @@ class DefenseAwareMask:
     Args:
         masks: ``single`` (one mask trained by both losses, as the released code) or ``dual``
             (m = m1 ⊙ m2: m1 trained by the performance loss, m2 by the safety loss).
+        performance_loss: ``entropy`` (the reference) or ``expert_labels`` (cross-entropy
+            against :meth:`MergeLearner.expert_pseudo_labels`, label-free too).
         safety_loss: ``entropy`` (entropy on triggered inputs, the reference) or
-            ``consistency`` (cross-entropy of triggered inputs against the clean prediction,
+            ``consistency`` (cross-entropy of triggered inputs against the clean label,
             what AWM and SAU ask).
         adv_weight: α, the weight of the safety loss (reference: 0.1).
         perturbation_eps: ℓ∞ budget of the additive trigger δ, on pixels in [0, 1].
@@ -78,8 +110,11 @@ class DefenseAwareMask:
         perturbation_space: ``pixel`` (``clamp(x + δ, 0, 1)`` on pixels, bounded; default) or
             ``normalized`` (the released code: δ added to the *normalised* image, then
             ``clamp(·, 0, 1)``, δ unbounded), to measure what that clamp does.
-        trigger: ``additive`` (a universal δ per task) or ``patch`` (Neural-Cleanse mask and
-            pattern per task, ``x' = (1 − m) ⊙ x + m ⊙ p``).
+        trigger: ``additive`` (a universal δ per task), ``patch`` (Neural-Cleanse mask and
+            pattern per task, ``x' = (1 − m) ⊙ x + m ⊙ p``) or ``shared`` (SAU's per-image
+            shared adversarial examples, one signed step in the ε ball, toward a wrong class
+            the masked merge and the unmasked one agree on; the safety term counts only the
+            examples on which both predict the same wrong class).
         area_weight: the patch trigger's area penalty ``area_weight · mean(m)`` (>= 0).
         patch_size: None, or the side of the bottom-right window the patch is confined to.
         targeted: the trigger minimises CE toward the easiest class instead of maximising CE
@@ -93,12 +128,13 @@ class DefenseAwareMask:
 
     safety_aware = True
     masks: Masks = "single"
+    performance_loss: PerformanceLoss = "entropy"
     safety_loss: SafetyLoss = "entropy"
     adv_weight: float = 0.1
     perturbation_eps: float = 16 / 255
     perturbation_lr: float = 1e-4
     perturbation_space: PerturbationSpace = "pixel"
-    trigger: TriggerShape = "additive"
+    trigger: Trigger = "additive"
     area_weight: float = 1e-3
     patch_size: int | None = None
     targeted: bool = False
@@ -114,6 +150,8 @@ class DefenseAwareMask:
         check_area_weight(self.name, self.area_weight)
         if self.perturbation_space == "normalized" and self.trigger != "additive":
             raise ConfigError(f"{self.name}: perturbation_space: normalized applies to the additive trigger only")
+        if self.trigger == "shared" and self.targeted:
+            raise ConfigError(f"{self.name}: targeted applies to the additive and patch triggers (shared is per image)")
         if self.adv_weight < 0:
             raise ConfigError(f"{self.name}: adv_weight must be >= 0, got {self.adv_weight}")
         if not 0 <= self.attribution_factor <= 1:
@@ -125,6 +163,8 @@ class DefenseAwareMask:
         parts = super().parts(learner)
         if self.masks == "dual":
             parts["safety_mask"] = ConcreteMask(learner.encoder.shapes, self.temperature)
+        if self.trigger == "shared":  # per-image examples, made afresh each step: nothing to learn
+            return parts
         classifier = learner.classifier
         parts["perturbation"] = simulated_trigger(
             self.trigger,
@@ -147,26 +187,63 @@ class DefenseAwareMask:
         return (*super().mask_names(), *(("safety_mask",) if self.masks == "dual" else ()))
 
     def mask_optimizers(self) -> tuple[Optimize, ...]:
+        if self.trigger == "shared":
+            return super().mask_optimizers()
         return (*super().mask_optimizers(), Optimize("perturbation", ("perturbation",), self.perturbation_lr))
 
     # ------------------------------------------------------------------ steps
 
-    def mask_update(self, learner, step, samples, coefficients, batch, optimizers, reduce, logs) -> None:
+    def expert_labels(self, learner, batch) -> Labels | None:
+        """The experts' labels of the batch if the performance term uses them, else None."""
+        return learner.expert_pseudo_labels(batch) if self.performance_loss == "expert_labels" else None
+
+    def mask_step(self, learner, step, batch, optimizers, reduce) -> dict[str, float]:
+        # MaskedMerge.mask_step, with the expert labels computed once for both of its steps
+        logs: dict[str, float] = {}
+        labels = self.expert_labels(learner, batch)
+        generator = learner.generator(step)
+        samples = [m.sample(generator) for m in self.concrete_masks(learner)]
+        self.inner_step(learner, [t.detach() for t in product(*samples)], batch, optimizers, reduce, logs, labels)
+        coefficients = learner.coefficients.detach()
+        self.mask_update(learner, step, samples, coefficients, batch, optimizers, reduce, logs, labels)
+        return logs
+
+    def inner_step(self, learner, mask, batch, optimizers, reduce, logs, labels: Labels | None = None) -> None:
+        super().inner_step(learner, mask, batch, optimizers, reduce, logs)
+
+    def triggered_batch(self, learner, weights, coefficients, batch, labels, optimizers, reduce, logs):
+        """The batch under the simulated trigger (after its step, if it learns), and for the
+        shared trigger the unmasked reference's predictions on it (else None)."""
+        if self.trigger == "shared":
+            reference = learner.encoder.weights(coefficients)  # the merge without the mask
+            triggered = shared_adversarial(learner, weights, reference, batch, labels, self.perturbation_eps)
+            return triggered, learner.pseudo_labels(reference, triggered)
         trigger = learner.perturbation
-        with torch.no_grad():  # the simulated trigger is fitted against the merged weights, detached
-            weights = learner.encoder.weights(coefficients, [t.detach() for t in product(*samples)], rescale=True)
-        pseudo = learner.pseudo_labels(weights, batch)
         logs["perturbation_loss"] = learner.trigger_step(
-            trigger, weights, batch, pseudo, optimizers["perturbation"], reduce
+            trigger, weights, batch, labels, optimizers["perturbation"], reduce
+        )
+        with torch.no_grad():
+            return {t: trigger.apply(x, t) for t, x in batch.items()}, None
+
+    def mask_update(self, learner, step, samples, coefficients, batch, optimizers, reduce, logs, labels=None) -> None:
+        with torch.no_grad():  # the simulated trigger is fitted against the merged weights, detached
+            sampled = learner.encoder.weights(coefficients, [t.detach() for t in product(*samples)], rescale=True)
+        clean_labels = labels if labels is not None else learner.pseudo_labels(sampled, batch)
+        triggered, reference = self.triggered_batch(
+            learner, sampled, coefficients, batch, clean_labels, optimizers, reduce, logs
         )
 
         weights = learner.encoder.weights(coefficients, product(*samples), rescale=True)
-        with torch.no_grad():
-            triggered = {t: trigger.apply(x, t) for t, x in batch.items()}
         logits = learner.forward_pairs(weights, [*batch.items(), *triggered.items()])
-        clean, perturbed = logits[: len(batch)], logits[len(batch) :]
-        performance = sum(entropy(l) for l in clean)
-        safety = SAFETY_LOSSES[self.safety_loss](clean, perturbed)
+        clean, perturbed = dict(zip(batch, logits[: len(batch)])), dict(zip(batch, logits[len(batch) :]))
+        performance = performance_loss(clean, labels)
+        safety, counted = 0.0, 0
+        for t, l in perturbed.items():
+            per_image = SAFETY_LOSSES[self.safety_loss](l, clean_labels[t])
+            if reference is not None:  # shared trigger: only where both models agree on a wrong class
+                shared = (l.detach().argmax(-1) == reference[t]) & (reference[t] != clean_labels[t])
+                per_image, counted = per_image * shared, counted + int(shared.sum())
+            safety = safety + per_image.sum() / len(l)
         masks = self.concrete_masks(learner)
         if len(masks) == 1:
             learner.update(optimizers["mask"], performance + self.adv_weight * safety, reduce)
@@ -175,29 +252,46 @@ class DefenseAwareMask:
             grads = torch.autograd.grad(performance, m1, retain_graph=True)
             grads += torch.autograd.grad(self.adv_weight * safety, m2)
             learner.apply_gradients(optimizers["mask"], grads, reduce)
-        logs.update(entropy=float(performance.detach()), safety_loss=float(safety.detach()))
+        logs.update({self.performance_name(): float(performance.detach()), "safety_loss": float(safety.detach())})
+        if reference is not None:
+            logs["shared_fraction"] = counted / sum(len(x) for x in batch.values())
         if step == self.steps - 1:
             self.attribute(learner, batch, reduce)
 
+    def performance_name(self, prefix: str = "") -> str:
+        """The logged name of the performance term (``entropy``, as before, or ``expert_ce``)."""
+        return prefix + ("entropy" if self.performance_loss == "entropy" else "expert_ce")
+
     @torch.no_grad()
-    def flip_rate(self, learner, coefficients: Tensor, batch, reduce) -> float:
+    def attribution_batch(self, learner, coefficients: Tensor, batch) -> dict[str, Tensor]:
+        """The batch under the final simulated trigger (shared: examples against the final merge)."""
+        if self.trigger != "shared":
+            return {t: learner.perturbation.apply(x, t) for t, x in batch.items()}
+        weights = learner.encoder.weights(coefficients, self.fixed_mask(learner))
+        labels = self.expert_labels(learner, batch) or learner.pseudo_labels(weights, batch)
+        reference = learner.encoder.weights(coefficients)
+        return shared_adversarial(learner, weights, reference, batch, labels, self.perturbation_eps)
+
+    @torch.no_grad()
+    def flip_rate(self, learner, coefficients: Tensor, batch, triggered) -> Tensor:
         """The share of the merge's own clean predictions that the simulated trigger flips."""
         weights = learner.encoder.weights(coefficients, self.fixed_mask(learner))
         clean = learner.pseudo_labels(weights, batch)
-        triggered = learner.pseudo_labels(weights, {t: learner.perturbation.apply(x, t) for t, x in batch.items()})
-        flips = sum((triggered[t] != clean[t]).sum() for t in batch).float()
-        return float(reduce(flips / sum(len(x) for x in batch.values())))
+        flipped = learner.pseudo_labels(weights, triggered)
+        flips = sum((flipped[t] != clean[t]).sum() for t in batch).float()
+        return flips / sum(len(x) for x in batch.values())
 
     @torch.no_grad()
     def attribute(self, learner, batch, reduce) -> None:
         """Leave-one-out: how much the trigger's flip rate drops without each expert's τ_i."""
         coefficients = learner.coefficients.detach()
-        full = self.flip_rate(learner, coefficients, batch, reduce)
+        triggered = self.attribution_batch(learner, coefficients, batch)
+        full = float(reduce(self.flip_rate(learner, coefficients, batch, triggered)))
         drops = []
         for i in range(learner.encoder.num_experts):
             without = coefficients.clone()
             without[i] = 0
-            drops.append(full - self.flip_rate(learner, without, batch, reduce))
+            drops.append(full - float(reduce(self.flip_rate(learner, without, batch, triggered))))
         top = max(range(len(drops)), key=drops.__getitem__)
         learner.notes["attribution"] = {
             "flip_rate": full,
@@ -234,7 +328,8 @@ class DefenseAwareMask:
     @torch.no_grad()
     def statistics(self, learner) -> dict[str, float]:
         stats = super().statistics(learner)
-        stats.update({f"delta/{k}": v for k, v in learner.perturbation.statistics().items()})
+        if self.trigger != "shared":
+            stats.update({f"delta/{k}": v for k, v in learner.perturbation.statistics().items()})
         return stats
 
 
@@ -254,3 +349,25 @@ class DAMAdaMerging(DefenseAwareMask, ConcreteAdaMerging):
     :class:`DefenseAwareMask`'s."""
 
     name = "dam_adamerging"
+
+    def inner_step(self, learner, mask, batch, optimizers, reduce, logs, labels: Labels | None = None) -> None:
+        """ConcreteAdaMerging's inner λ step, on the experts' labels with ``expert_labels``."""
+        if labels is None:
+            return super().inner_step(learner, mask, batch, optimizers, reduce, logs)
+        self._reset_coefficients(learner)
+        weights = learner.encoder.weights(learner.coefficients, mask, rescale=True)
+        loss = performance_loss(learner.logits(weights, batch), labels)
+        learner.update(optimizers["inner"], loss, reduce)
+        logs["inner_expert_ce"] = float(loss.detach())
+
+    def coefficients_step(self, learner, step, batch, optimizers, reduce) -> dict[str, float]:
+        """AdaMerging with the mask fixed; with ``expert_labels``, on the experts' labels."""
+        if self.performance_loss == "entropy":
+            return super().coefficients_step(learner, step, batch, optimizers, reduce)
+        if step == 0 and self.has_mask:  # λ enters the stage from its initial value, not the inner step's
+            self._reset_coefficients(learner)
+        mask = self.fixed_mask(learner)
+        weights = learner.encoder.weights(learner.coefficients, None if mask is None else [m.detach() for m in mask])
+        loss = performance_loss(learner.logits(weights, batch), learner.expert_pseudo_labels(batch))
+        learner.update(optimizers["coefficients"], loss, reduce)
+        return {"expert_ce": float(loss.detach())}

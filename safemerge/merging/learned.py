@@ -8,7 +8,8 @@ Each declares its learned parts and its stages (:mod:`safemerge.merging.contract
   inner step on the coefficients λ (:meth:`ConcreteAdaMerging.inner_step`); DAM
   (:mod:`safemerge.merging.dam`) adds a simulated-trigger step and a safety term;
 - a **coefficient stage** (``adamerging_steps``, :meth:`LearnedMerge.coefficients_step`):
-  AdaMerging on λ, with the mask fixed if there is one.
+  AdaMerging on λ, with the mask fixed if there is one; :class:`ExpertLabelMerging` trains λ
+  by cross-entropy against the experts' own predictions instead.
 """
 
 from __future__ import annotations
@@ -112,6 +113,68 @@ class AdaMerging(LearnedMerge):
     scaling_factor: float = 0.3
     adamerging_steps: int = 1000
     adamerging_lr: float = 1e-3
+
+
+def expert_label_loss(logits: Tensor, expert_logits: Tensor, confidence: float = 0.0) -> Tensor:
+    """Cross-entropy of a merge's logits against the expert's predicted labels, over the images
+    whose expert confidence (max softmax probability) is at least ``confidence`` (SyMerge's
+    filter; 0 keeps every image). Mean over the kept images; 0 if none is kept."""
+    probabilities = F.softmax(expert_logits.float(), dim=-1)
+    confident, labels = probabilities.max(-1)
+    kept = (confident >= confidence).float()
+    per_image = F.cross_entropy(logits.float(), labels, reduction="none")
+    return (per_image * kept).sum() / kept.sum().clamp_min(1.0)
+
+
+@dataclass(eq=False)
+class ExpertLabelMerging(LearnedMerge):
+    """Merging by expert labels (as SyMerge, Lee et al., 2026, trains λ): λ learned by
+    cross-entropy against each task's own expert's predictions on the unlabeled adaptation
+    images, in place of AdaMerging's entropy. Still label-free: the labels are what the
+    experts, fine-tuned on their tasks, predict.
+
+    Args:
+        granularity: ``task`` (one λ per expert) or ``layer`` (one per expert per tensor).
+        scaling_factor: initial λ.
+        steps: optimisation steps on λ.
+        lr: Adam learning rate for λ.
+        confidence: keep only images whose expert's max softmax probability is at least this
+            (SyMerge's confidence filter); 0 keeps every image.
+    """
+
+    name = "expert_label_merging"
+    granularity: Granularity = "layer"
+    scaling_factor: float = 0.3
+    steps: int = 200
+    lr: float = 3e-2
+    confidence: float = 0.0
+
+    def check(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"{self.name}: steps must be >= 1, got {self.steps}")
+        if self.granularity not in ("task", "layer"):
+            raise ConfigError(f"{self.name}: granularity must be task or layer, got {self.granularity!r}")
+        if not 0 <= self.confidence < 1:
+            raise ConfigError(f"{self.name}: confidence is a softmax probability in [0, 1), got {self.confidence}")
+
+    @property
+    def has_mask(self) -> bool:
+        return False
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps
+
+    def stages(self) -> list[Stage]:
+        optimizers = (Optimize("coefficients", ("coefficients",), self.lr),)
+        return [Stage("coefficients", self.steps, self.coefficients_step, optimizers)]
+
+    def coefficients_step(self, learner, step, batch, optimizers, reduce) -> dict[str, float]:
+        targets = learner.expert_logits(batch)
+        logits = learner.logits(learner.encoder.weights(learner.coefficients, None), batch)
+        loss = sum(expert_label_loss(logits[t], targets[t], self.confidence) for t in batch)
+        learner.update(optimizers["coefficients"], loss, reduce)
+        return {"expert_label_loss": float(loss.detach())}
 
 
 class MaskedMerge(LearnedMerge):

@@ -83,6 +83,9 @@ class MergeLearner(nn.Module):
             (stage, owner) for owner in self.owners for stage in owner.stages() if stage.steps > 0
         ]
         self.notes: dict[str, Any] = {}  # what the steps record beside the tensors (plain types)
+        # each adaptation image's expert logits, once computed (:meth:`expert_logits`); not state
+        self._expert_cache: dict[str, dict[tuple[float, float], Tensor]] = {}
+        self._fingerprint_directions: Tensor | None = None
         # The schedule's position: part of the learned state, so a resumed run knows where it is.
         self.register_buffer("completed_steps", torch.zeros((), dtype=torch.long))
         self.part_names: list[str] = []
@@ -174,11 +177,40 @@ class MergeLearner(nn.Module):
         return {t: l.argmax(-1) for t, l in self.logits(weights, batch).items()}
 
     @torch.no_grad()
+    def expert_logits(self, batch: Batch) -> dict[str, Tensor]:
+        """Each task's images classified by that task's own expert (``θ_0 + τ_i``, as fine-tuned).
+
+        The experts are frozen and the adaptation stream revisits its images (a few hundred per
+        task, thousands of draws), so each image's logits are computed once and kept, keyed by
+        the task and a fingerprint of the image's pixels: only images not seen before go
+        through their expert."""
+        return {t: self._expert_logits(t, x) for t, x in batch.items()}
+
+    def _expert_logits(self, task: str, images: Tensor) -> Tensor:
+        cache = self._expert_cache.setdefault(task, {})
+        keys = [tuple(k) for k in self._fingerprint(images).tolist()]
+        missing = [i for i, key in enumerate(keys) if key not in cache]
+        if missing:
+            weights = self.encoder.expert_weights(self.tasks.index(task))
+            for i, row in zip(missing, self.logits(weights, {task: images[missing]})[task]):
+                cache[keys[i]] = row
+        return torch.stack([cache[key] for key in keys])
+
+    def _fingerprint(self, images: Tensor) -> Tensor:
+        """``[B, 2]`` float64 projections of each image's pixels on two fixed random directions:
+        equal for equal images, and apart for any two different ones but with probability ~0."""
+        flat = images.reshape(len(images), -1).double()
+        if self._fingerprint_directions is None or self._fingerprint_directions.shape[0] != flat.shape[1]:
+            generator = torch.Generator().manual_seed(0)
+            directions = torch.rand(flat.shape[1], 2, generator=generator, dtype=torch.float64)
+            self._fingerprint_directions = directions.to(flat.device)
+        return torch.round((flat @ self._fingerprint_directions) * 1e6)  # bit noise of the matmul aside
+
+    @torch.no_grad()
     def expert_pseudo_labels(self, batch: Batch) -> dict[str, Tensor]:
-        """Each task's images labelled by that task's own expert (``θ_0 + τ_i``, as fine-tuned):
-        label-free too, and as accurate on clean images as the experts are."""
-        experts = {task: index for index, task in enumerate(self.tasks)}
-        return {t: self.logits(self.encoder.expert_weights(experts[t]), {t: x})[t].argmax(-1) for t, x in batch.items()}
+        """Each task's images labelled by that task's own expert: label-free too, and as
+        accurate on clean images as the experts are."""
+        return {t: l.argmax(-1) for t, l in self.expert_logits(batch).items()}
 
     def method_weights(self) -> dict[str, Tensor]:
         """The method's merged weights now (before any defence), detached."""

@@ -52,6 +52,13 @@ def clamp_pixels(images: Tensor, straight_through: bool = False) -> Tensor:
     return images + (clamped - images).detach() if straight_through else clamped
 
 
+def shared_wrong_log_probability(logits: Tensor, reference_logits: Tensor, labels: Tensor) -> Tensor:
+    """``mean log Σ_{c ≠ y} p(c) · p_ref(c)``: how likely both models agree on the same wrong class."""
+    joint = F.softmax(logits.float(), -1) * F.softmax(reference_logits.float(), -1)
+    wrong = joint.scatter(-1, labels[:, None], 0.0).sum(-1)
+    return wrong.clamp_min(1e-12).log().mean()
+
+
 class SimulatedTrigger(nn.Module):
     """Base: one trigger per task, ``apply`` in pixel space, ``attack_loss`` to minimise."""
 

@@ -76,6 +76,12 @@ class MergeModule(L.LightningModule):
             (:mod:`safemerge.modules.resume`).
         seed: seeds the mask samples and the adaptation stream; the CLI passes its
             ``seed_everything``.
+        scan: run the pre-merge backdoor scan (:mod:`safemerge.scan`) on the experts first;
+            ``report.json`` records its document under ``scan``.
+        flagged_scale: with ``scan``, multiply the task vector of every expert the scan flags
+            by this factor before merging (0 drops it; None merges it as any other). Its task's
+            expert pseudo-labels still come from the expert as fine-tuned: a backdoored expert
+            labels clean images as well as a clean one.
     """
 
     def __init__(
@@ -91,12 +97,18 @@ class MergeModule(L.LightningModule):
         checkpoint_chunk: int | None = None,
         checkpoint_every: int | None = 100,
         seed: int = 0,
+        scan: bool = False,
+        flagged_scale: float | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["method", "defense"])
         self.automatic_optimization = False
         self.strict_loading = False  # a resume checkpoint holds the learned tensors only (on_load_checkpoint)
         _check_arguments(method, defense, checkpoint_every)
+        if flagged_scale is not None and (not scan or not 0 <= flagged_scale <= 1):
+            raise ConfigError(
+                f"flagged_scale {flagged_scale}: a factor in [0, 1] for the experts the scan flags (set scan: true)"
+            )
         self.method, self.defense = method, defense
         # What W&B (and any logger) records of the method and the defence.
         self.hparams.update(method=method.describe(), defense=defense.describe() if defense else None)
@@ -118,12 +130,21 @@ class MergeModule(L.LightningModule):
         )
         self.clip.model = None  # the text tower's job ends with the heads
         states = pool.encoders
+        self.scan = self._scan(experts, seed, flagged_scale) if scan else None
         self.encoder = MergedEncoder(
             self.classifier.tower,
             states,
             vector_dtype=getattr(torch, task_vector_dtype),
             checkpoint_chunk=checkpoint_chunk,
         )
+        flagged = self.scan["handled"] if self.scan else []
+        for index in flagged:  # the unedited vector stays the expert's own (its pseudo-labels)
+            self.encoder.edit_expert_(index, scale=flagged_scale)
+        if flagged and isinstance(method, StaticMerge):
+            states = [
+                {k: base[k] + flagged_scale * (v - base[k]) for k, v in s.items()} if i in flagged else s
+                for i, s in enumerate(states)
+            ]
         static = method.merge(base, states) if isinstance(method, StaticMerge) else None
         self.learner = self._learner(static) if isinstance(method, LearnedMerge) or defense is not None else None
         self.static_weights = static
@@ -133,6 +154,18 @@ class MergeModule(L.LightningModule):
         self.expert_metrics = Evaluation(tasks)  # each expert on its own task
         self._eval_weights: dict[str, Tensor] | None = None
         self._expert_weights: tuple[int, dict[str, Tensor]] | None = None
+
+    @staticmethod
+    def _scan(experts: list[str], seed: int, flagged_scale: float | None) -> dict:
+        """The pre-merge scan's document, with ``handled``: the indices of the flagged experts
+        whose vectors ``flagged_scale`` scales (none without it)."""
+        from safemerge.scan import scan_experts
+
+        document = scan_experts(experts, seed=seed)
+        by_path = {str(e["path"]): e for e in document["experts"]}
+        flagged = [i for i, path in enumerate(experts) if by_path[str(path)]["flagged"]]
+        print(f"scan: {len(flagged)} of {len(experts)} experts flagged" + (f" ({flagged})" if flagged else ""))
+        return {**document, "flagged_scale": flagged_scale, "handled": flagged if flagged_scale is not None else []}
 
     def _learner(self, static_weights: dict[str, Tensor] | None) -> MergeLearner:
         """The learned parts of the method and the defence, and the schedule that trains them."""
@@ -279,6 +312,7 @@ class MergeModule(L.LightningModule):
             runtime_s=time.time() - self._start,
             backdoors=[{**info, **rates} for info, rates in zip(self.backdoor_info, backdoor_rates)],
             defense=self.defense.describe() if self.defense else None,
+            scan=self.scan,
             **self._report_fields(),
         )
         self._log_table(report)

@@ -118,9 +118,11 @@ def run_and_compare(
     *,
     dry_run: bool = False,
     env: Mapping[str, str] | None = None,
+    reference: tuple[float, float] | None = None,
 ) -> str | None:
     """Run each ``(method, seed, command)`` whose ``<output>/<method>/seed<seed>/report.json`` is
-    missing, then write the comparison table and plot of all of them; returns the table."""
+    missing, then write the comparison table and plot of all of them (``reference``: the
+    all-clean merge's accuracy and ASR, a point on the plot); returns the table."""
     runs = []
     for method, seed, command in jobs:
         directory = output / method / f"seed{seed}"
@@ -132,8 +134,29 @@ def run_and_compare(
     summary = summarize([read_report(directory) for directory in runs], labels=[method for method, _, _ in jobs])
     table = comparison_table(summary)
     write_text(output / "comparison.md", table)
-    plot_asr_vs_accuracy(summary, output / "asr_vs_accuracy.png")
+    plot_asr_vs_accuracy(summary, output / "asr_vs_accuracy.png", reference)
     return table
+
+
+def all_clean_points(path: str | Path, pools: Sequence[str], scaling: str = "0.3") -> dict[str, tuple[float, float]]:
+    """Each pool's all-clean reference ``(accuracy, asr)`` from ``all_clean_reference.json``
+    (task arithmetic at λ ``scaling``); a one-line error for a file that lacks a pool."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"--reference {path}: not a readable all_clean_reference.json ({error})") from None
+    points = {}
+    for pool in pools:
+        entry = data.get(pool, {}).get("task_arithmetic", {}).get(scaling)
+        if entry is None:
+            raise ConfigError(
+                f"--reference {path} has no all-clean merge of pool {pool!r} at λ {scaling}: "
+                f"run python scripts/all_clean_reference.py --pools {pool}"
+            )
+        points[pool] = (entry["average"]["accuracy"], entry["average"]["asr"])
+    return points
 
 
 @exits_on_user_error
@@ -144,6 +167,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--pools", nargs="+", help="configs/pools names (default: the pool of configs/merge/base.yaml)")
     parser.add_argument("--output", default="outputs/compare")
     parser.add_argument("--dry-run", action="store_true", help="print the commands instead of running them")
+    parser.add_argument(
+        "--reference",
+        help="all_clean_reference.json (scripts/all_clean_reference.py): each pool's all-clean merge "
+        "(task arithmetic, λ 0.3) drawn on its plot as a point",
+    )
     parser.add_argument("extra", nargs="*", help="arguments passed on to trainer.py (after --)")
     args = parser.parse_args(argv)
 
@@ -152,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     seeds = {method: seeds_of([BASE, *configs[method]], args.seeds) for method in methods}
     pools = {pool: [pool_file(pool)] for pool in args.pools} if args.pools else {"": []}
     output = Path(args.output)
+    references = all_clean_points(args.reference, list(pools)) if args.reference else {}
     per_pool = {}
     for pool, pool_configs in pools.items():
         directory = output / pool
@@ -166,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             for method in methods
             for seed in seeds[method]
         ]
-        table = run_and_compare(jobs, directory, dry_run=args.dry_run)
+        table = run_and_compare(jobs, directory, dry_run=args.dry_run, reference=references.get(pool))
         if args.dry_run:
             continue
         print(f"## {pool or 'base pool'}\n\n{table}")
@@ -178,7 +207,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         summary = summarize_pools(per_pool)
         table = pools_table(summary, list(pools))
         write_text(output / "comparison.md", table)
-        plot_asr_vs_accuracy(summary, output / "asr_vs_accuracy.png")
+        points = [references[p] for p in pools if p in references]
+        mean = tuple(sum(x) / len(points) for x in zip(*points)) if len(points) == len(pools) else None
+        plot_asr_vs_accuracy(summary, output / "asr_vs_accuracy.png", mean)
         print(f"## mean over {', '.join(pools)}\n\n{table}")
 
 
