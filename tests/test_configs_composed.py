@@ -22,14 +22,14 @@ def test_the_generated_configs_are_current():
         assert path.read_text() == text, f"{path} is stale: run python -m safemerge.protocol.configs"
 
 
-def test_the_main_job_is_base_adamerging_sau_expert_labels_one_attack_step_with_base_outputs():
+def test_the_main_job_is_base_expert_label_merging_sau_expert_labels_one_attack_step_with_base_outputs():
     job = yaml.safe_load((CONFIGS / "merge.yaml").read_text())
     parts = composed(
         [
             CONFIGS / p
             for p in (
                 "merge/base.yaml",
-                "merge/adamerging.yaml",
+                "merge/expert_label_merging.yaml",
                 "defense/sau.yaml",
                 "defense/expert_labels.yaml",
                 "defense/one_attack_step.yaml",
@@ -38,8 +38,8 @@ def test_the_main_job_is_base_adamerging_sau_expert_labels_one_attack_step_with_
     )
     init = job["model"]["init_args"]
     assert init["method"] == {
-        "class_path": "safemerge.merging.AdaMerging",
-        "init_args": {"granularity": "layer", "scaling_factor": 0.3, "adamerging_steps": 200, "adamerging_lr": 0.001},
+        "class_path": "safemerge.merging.ExpertLabelMerging",
+        "init_args": {"granularity": "layer", "scaling_factor": 0.3, "steps": 200, "lr": 0.03},
     }
     assert init["defense"]["class_path"] == "safemerge.defenses.SAU"
     assert (
