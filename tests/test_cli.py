@@ -30,13 +30,14 @@ def _no_pytest_argv(monkeypatch):
 
 def _composed(config: Path) -> list[str]:
     """The ``--config`` chain a shipped config is meant for: method, defence, pool and DAM-option
-    files compose on top of ``configs/merge/base.yaml`` (DAM options after a DAM method, defence
+    files compose on top of ``configs/merge/base.yaml`` (DAM options after DAM over AdaMerging, defence
     options after a defence)."""
     folder = config.parent.name
     base = REPO / "configs" / "merge" / "base.yaml"
     chain = [config]
     if folder == "dam":
-        chain = [base, REPO / "configs" / "merge" / "dam_task_arithmetic.yaml", config]
+        # DAM over AdaMerging takes every DAM option (some set its AdaMerging stage)
+        chain = [base, REPO / "configs" / "merge" / "dam_adamerging.yaml", config]
     elif folder == "defense" and "class_path" not in config.read_text():  # an option of any defence
         chain = [base, REPO / "configs" / "defense" / "sau.yaml", config]
     elif folder in ("defense", "pools") or (folder == "merge" and config != base):
