@@ -12,8 +12,14 @@ triggers are re-exported here for the defences' users.
 
 from safemerge.defenses.awm import AWM
 from safemerge.defenses.base import Defense, UpdateMask
-from safemerge.defenses.sau import SAU, shared_wrong_log_probability
-from safemerge.merging.simulated_triggers import AdditiveTrigger, PatchTrigger, SimulatedTrigger, simulated_trigger
+from safemerge.defenses.sau import SAU
+from safemerge.merging.simulated_triggers import (
+    AdditiveTrigger,
+    PatchTrigger,
+    SimulatedTrigger,
+    shared_wrong_log_probability,
+    simulated_trigger,
+)
 
 __all__ = [
     "AWM",

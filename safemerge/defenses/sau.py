@@ -15,8 +15,7 @@ from safemerge.merging.simulated_triggers import (
     PatchTrigger,
     check_area_weight,
     check_budget,
-    clamp_pixels,
-    shared_wrong_log_probability,
+    shared_adversarial_examples,
 )
 
 
@@ -88,17 +87,9 @@ class SAU(Defense):
 
     def shared_adversarial(self, learner, current, reference, batch, pseudo) -> dict[str, Tensor]:
         """Per-image perturbations toward a wrong class both models share (signed gradient ascent)."""
-        eps, size = self.perturbation_eps, 2.5 * self.perturbation_eps / self.attack_steps
-        deltas = {t: torch.zeros_like(x, requires_grad=True) for t, x in batch.items()}
-        for _ in range(self.attack_steps):
-            images = {t: clamp_pixels(x + deltas[t], straight_through=True) for t, x in batch.items()}
-            ours, theirs = learner.logits(current, images), learner.logits(reference, images)
-            objective = sum(shared_wrong_log_probability(ours[t], theirs[t], pseudo[t]) for t in batch)
-            grads = torch.autograd.grad(objective, list(deltas.values()))
-            with torch.no_grad():
-                for delta, grad in zip(deltas.values(), grads):
-                    delta.add_(size * grad.sign()).clamp_(-eps, eps)
-        return {t: (x + deltas[t]).clamp(0, 1).detach() for t, x in batch.items()}
+        return shared_adversarial_examples(
+            learner, current, reference, batch, pseudo, self.perturbation_eps, self.attack_steps
+        )
 
     def defense_step(self, learner, step, batch, optimizers, reduce) -> dict[str, float]:
         parts = learner.defense_parts

@@ -23,8 +23,7 @@ from safemerge.merging.simulated_triggers import (
     PerturbationSpace,
     check_area_weight,
     check_budget,
-    clamp_pixels,
-    shared_wrong_log_probability,
+    shared_adversarial_examples,
     simulated_trigger,
 )
 
@@ -64,18 +63,6 @@ def performance_loss(logits: Mapping[str, Tensor], labels: Labels | None) -> Ten
     if labels is None:
         return sum(entropy(l) for l in logits.values())
     return sum(F.cross_entropy(l.float(), labels[t]) for t, l in logits.items())
-
-
-def shared_adversarial(learner, current, reference, batch, labels: Labels, eps: float) -> dict[str, Tensor]:
-    """SAU's shared adversarial examples with one signed-gradient step (size 2.5 ε, then the ℓ∞
-    ball ε): per image, toward a wrong class that ``current`` and ``reference`` both predict."""
-    with torch.enable_grad():
-        deltas = {t: torch.zeros_like(x, requires_grad=True) for t, x in batch.items()}
-        images = {t: clamp_pixels(x + deltas[t], straight_through=True) for t, x in batch.items()}
-        ours, theirs = learner.logits(current, images), learner.logits(reference, images)
-        objective = sum(shared_wrong_log_probability(ours[t], theirs[t], labels[t]) for t in batch)
-        grads = dict(zip(deltas, torch.autograd.grad(objective, list(deltas.values()))))
-    return {t: (x + (2.5 * eps * grads[t].sign()).clamp(-eps, eps)).clamp(0, 1) for t, x in batch.items()}
 
 
 @dataclass(eq=False)
@@ -216,7 +203,7 @@ class DefenseAwareMask:
         shared trigger the unmasked reference's predictions on it (else None)."""
         if self.trigger == "shared":
             reference = learner.encoder.weights(coefficients)  # the merge without the mask
-            triggered = shared_adversarial(learner, weights, reference, batch, labels, self.perturbation_eps)
+            triggered = shared_adversarial_examples(learner, weights, reference, batch, labels, self.perturbation_eps)
             return triggered, learner.pseudo_labels(reference, triggered)
         trigger = learner.perturbation
         logs["perturbation_loss"] = learner.trigger_step(
@@ -270,7 +257,7 @@ class DefenseAwareMask:
         weights = learner.encoder.weights(coefficients, self.fixed_mask(learner))
         labels = self.expert_labels(learner, batch) or learner.pseudo_labels(weights, batch)
         reference = learner.encoder.weights(coefficients)
-        return shared_adversarial(learner, weights, reference, batch, labels, self.perturbation_eps)
+        return shared_adversarial_examples(learner, weights, reference, batch, labels, self.perturbation_eps)
 
     @torch.no_grad()
     def flip_rate(self, learner, coefficients: Tensor, batch, triggered) -> Tensor:

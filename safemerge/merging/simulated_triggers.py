@@ -59,6 +59,26 @@ def shared_wrong_log_probability(logits: Tensor, reference_logits: Tensor, label
     return wrong.clamp_min(1e-12).log().mean()
 
 
+def shared_adversarial_examples(
+    learner, current, reference, batch: Mapping[str, Tensor], labels: Mapping[str, Tensor], eps: float, steps: int = 1
+) -> dict[str, Tensor]:
+    """SAU's shared adversarial examples: per image, ``steps`` signed-gradient steps (size
+    ``2.5 · eps / steps``, within the ℓ∞ ball ``eps``) up :func:`shared_wrong_log_probability` of
+    the weights ``current`` and ``reference`` — inputs that fool both toward the same wrong class."""
+    size = 2.5 * eps / steps
+    with torch.enable_grad():
+        deltas = {t: torch.zeros_like(x, requires_grad=True) for t, x in batch.items()}
+        for _ in range(steps):
+            images = {t: clamp_pixels(x + deltas[t], straight_through=True) for t, x in batch.items()}
+            ours, theirs = learner.logits(current, images), learner.logits(reference, images)
+            objective = sum(shared_wrong_log_probability(ours[t], theirs[t], labels[t]) for t in batch)
+            grads = torch.autograd.grad(objective, list(deltas.values()))
+            with torch.no_grad():
+                for delta, grad in zip(deltas.values(), grads):
+                    delta.add_(size * grad.sign()).clamp_(-eps, eps)
+    return {t: (x + deltas[t]).clamp(0, 1).detach() for t, x in batch.items()}
+
+
 class SimulatedTrigger(nn.Module):
     """Base: one trigger per task, ``apply`` in pixel space, ``attack_loss`` to minimise."""
 
