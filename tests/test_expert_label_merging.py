@@ -4,22 +4,12 @@ predictions, pinned against the formula written out by hand."""
 import pytest
 import torch
 import torch.nn.functional as F
+from test_merging import ImageTower as Tower
 
 from safemerge.errors import ConfigError
 from safemerge.merging import ExpertLabelMerging, MergedEncoder, expert_label_loss
 from safemerge.merging.learner import MergeLearner
 from safemerge.models import ImageClassifier
-
-
-class Tower(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.proj = torch.nn.Linear(3 * 4 * 4, 8)
-        self.out = torch.nn.Linear(8, 6)
-
-    def forward(self, x):
-        return self.out(torch.tanh(self.proj(x.flatten(1))))
-
 
 TASKS = {"x": 3, "y": 5}
 
