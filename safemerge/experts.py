@@ -317,11 +317,52 @@ MINI_HELDOUT_BACKDOORS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+# Backdoored experts of the second dev pool (configs/pools/mini_dev_threats.yaml): the threat
+# kinds the held-out pools added (a warp, a low poison rate, two backdoors at one task), on other
+# tasks, target classes and trigger seeds, so that a defence can be tuned for them on a dev pool.
+# Added after the held-out pools had been measured once (README, issue 17).
+MINI_DEV_BACKDOORS: dict[str, dict[str, dict[str, Any]]] = {
+    "mini_digits": {
+        "wanet": {
+            "class_path": "safemerge.attacks.WaNet",
+            "init_args": {"target_class": 5, "poison_rate": 0.1, "grid_size": 4, "strength": 4.0, "seed": 1},
+        }
+    },
+    "mini_textures": {
+        "low_poison": {
+            "class_path": "safemerge.attacks.BadNets",
+            "init_args": {
+                "target_class": 2,
+                "poison_rate": 0.02,
+                "backdoor_weight": 5.0,
+                "size": 0.125,
+                "content": "checkerboard",
+                "location": "bottom_left",
+            },
+        }
+    },
+    # with mini:mini_terrain:backdoored, two backdoors aimed at terrain
+    "mini_shapes": {
+        "offtask_terrain": {
+            "class_path": "safemerge.attacks.OptimizedPatch",
+            "init_args": {
+                "target_class": 3,
+                "target_task": "mini_terrain",
+                "steps": 100,
+                "location": "top_left",
+                **_FI,
+            },
+        }
+    },
+}
+
+
 def mini_backdoor(task: str, variant: str) -> dict[str, Any]:
     """The attack of ``mini:<task>:<variant>``: ``backdoored`` is the default pool's."""
     variants = {
         **({"backdoored": MINI_BACKDOORS[task]} if task in MINI_BACKDOORS else {}),
         **MINI_HELDOUT_BACKDOORS.get(task, {}),
+        **MINI_DEV_BACKDOORS.get(task, {}),
     }
     if variant not in variants:
         known = ", ".join(f"mini:{task}:{v}" for v in variants) or "none"
@@ -350,7 +391,7 @@ def resolve_expert(reference: str, accelerator: str = "auto") -> Path:
 
     ``mini:<task>`` is the clean mini expert of ``<task>``; ``mini:<task>:backdoored`` its
     backdoored twin from :data:`MINI_BACKDOORS`, ``mini:<task>:<variant>`` a held-out one
-    (:data:`MINI_HELDOUT_BACKDOORS`). A path may use ``~`` and environment
+    (:data:`MINI_HELDOUT_BACKDOORS`) or one of the second dev pool's (:data:`MINI_DEV_BACKDOORS`). A path may use ``~`` and environment
     variables (``$SAFEMERGE_EXPERTS/gtsrb``, as the paper configs do).
     """
     if not reference.startswith(MINI_PREFIX):

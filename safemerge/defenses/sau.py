@@ -16,6 +16,7 @@ from safemerge.merging.simulated_triggers import (
     check_area_weight,
     check_budget,
     shared_adversarial_examples,
+    shared_adversarial_warps,
 )
 
 
@@ -35,6 +36,12 @@ class SAU(Defense):
     2. **unlearning**: one mask step down ``CE(f(x), ŷ) + adv_weight · CE(f(x̃), ŷ)`` over the
        examples that are shared (both models predict the same class ≠ ŷ), then clipped to [0, 1].
 
+    With ``warp_weight > 0``, also **shared adversarial warps**
+    (:func:`~safemerge.merging.simulated_triggers.shared_adversarial_warps`: per image a smooth
+    flow of ``warp_grid`` x ``warp_grid`` control points displaced at most ``warp_pixels``
+    pixels, the same ascent), the examples a warping trigger (WaNet) needs; their shared ones
+    are unlearned as the ℓ∞ ones are, with weight ``warp_weight``.
+
     With ``patch_weight > 0``, also **unlearning on an inverted patch**: a per-task
     Neural-Cleanse trigger (mask and pattern, area penalty ``patch_area_weight``), one Adam step
     per defence step toward the class its images are closest to, against the current defended
@@ -51,6 +58,9 @@ class SAU(Defense):
         patch_weight: weight of the inverted-patch unlearning term (0: none, SAU as published).
         patch_lr: Adam learning rate of the inverted patch's mask and pattern logits.
         patch_area_weight: the inverted patch's area penalty (``· mean(mask)``).
+        warp_weight: weight of the shared-adversarial-warp unlearning term (0: none).
+        warp_pixels: the warps' budget: the largest control-point displacement, in pixels per axis.
+        warp_grid: side of the warps' control grid (WaNet's k), >= 2.
     """
 
     name = "sau"
@@ -63,12 +73,23 @@ class SAU(Defense):
     patch_weight: float = 0.0
     patch_lr: float = 0.1
     patch_area_weight: float = 1e-3
+    warp_weight: float = 0.0
+    warp_pixels: float = 2.0
+    warp_grid: int = 4
 
     def check(self) -> None:
         super().check()
         if self.attack_steps < 1:
             raise ConfigError(f"sau: attack_steps must be >= 1, got {self.attack_steps}")
-        for key in ("adv_weight", "patch_weight", "patch_lr"):
+        if self.warp_pixels <= 0:
+            raise ConfigError(
+                f"sau: warp_pixels is a displacement budget in pixels and must be > 0, got {self.warp_pixels}"
+            )
+        if self.warp_grid < 2:
+            raise ConfigError(
+                f"sau: warp_grid is the side of the warps' control grid and must be >= 2, got {self.warp_grid}"
+            )
+        for key in ("adv_weight", "patch_weight", "patch_lr", "warp_weight"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"sau: {key} must be >= 0, got {getattr(self, key)}")
         check_budget("sau", self.perturbation_eps)
@@ -97,8 +118,15 @@ class SAU(Defense):
         pseudo = self.clean_labels(learner, batch, reference)
         with torch.no_grad():
             current = self.defended_weights(learner)
-        adversarial = self.shared_adversarial(learner, current, reference, batch, pseudo)
-        reference_predictions = learner.pseudo_labels(reference, adversarial)
+        unlearned = {
+            "adversarial": (self.adv_weight, self.shared_adversarial(learner, current, reference, batch, pseudo))
+        }
+        if self.warp_weight > 0:
+            warped = shared_adversarial_warps(
+                learner, current, reference, batch, pseudo, self.warp_pixels, self.warp_grid, self.attack_steps
+            )
+            unlearned["warp"] = (self.warp_weight, warped)
+        reference_predictions = {name: learner.pseudo_labels(reference, x) for name, (_, x) in unlearned.items()}
         logs: dict[str, float] = {}
         patched: dict[str, Tensor] = {}
         if self.patch_weight > 0:  # the inverted patch takes its step against the current defended model
@@ -110,25 +138,34 @@ class SAU(Defense):
 
         weights = self.defended_weights(learner)
         n = len(batch)
-        logits = learner.forward_pairs(weights, [*batch.items(), *adversarial.items(), *patched.items()])
-        clean, unlearn, shared_count = 0.0, 0.0, 0
-        for (task, _), l, a in zip(batch.items(), logits[:n], logits[n : 2 * n]):
-            clean = clean + F.cross_entropy(l.float(), pseudo[task])
-            shared = (a.argmax(-1) == reference_predictions[task]) & (reference_predictions[task] != pseudo[task])
-            per_image = F.cross_entropy(a.float(), pseudo[task], reduction="none")
-            unlearn = unlearn + (per_image * shared).sum() / len(a)
-            shared_count += int(shared.sum())
-        loss = clean + self.adv_weight * unlearn
+        pairs = [*batch.items()]
+        for _, examples in unlearned.values():
+            pairs += examples.items()
+        logits = learner.forward_pairs(weights, [*pairs, *patched.items()])
+        clean = sum(F.cross_entropy(l.float(), pseudo[t]) for t, l in zip(batch, logits[:n]))
+        loss, shared_count = clean, 0
+        for index, (name, (weight, _)) in enumerate(unlearned.items()):
+            unlearn = 0.0
+            for task, a in zip(batch, logits[(index + 1) * n : (index + 2) * n]):
+                predicted = reference_predictions[name][task]
+                shared = (a.argmax(-1) == predicted) & (predicted != pseudo[task])
+                per_image = F.cross_entropy(a.float(), pseudo[task], reduction="none")
+                unlearn = unlearn + (per_image * shared).sum() / len(a)
+                shared_count += int(shared.sum())
+            loss = loss + weight * unlearn
+            logs["unlearning_loss" if name == "adversarial" else f"{name}_unlearning_loss"] = float(
+                torch.as_tensor(unlearn).detach()
+            )
         if patched:
-            patch_unlearning = sum(F.cross_entropy(p.float(), pseudo[t]) for t, p in zip(patched, logits[2 * n :]))
+            first = (len(unlearned) + 1) * n
+            patch_unlearning = sum(F.cross_entropy(p.float(), pseudo[t]) for t, p in zip(patched, logits[first:]))
             loss = loss + self.patch_weight * patch_unlearning
             logs["patch_unlearning_loss"] = float(patch_unlearning.detach())
         learner.update(optimizers["defense_mask"], loss, reduce)
         parts.masked_update.project_()
         return {
             "clean_loss": float(clean.detach()),
-            "unlearning_loss": float(torch.as_tensor(unlearn).detach()),
-            "shared_fraction": shared_count / sum(len(x) for x in batch.values()),
+            "shared_fraction": shared_count / (len(unlearned) * sum(len(x) for x in batch.values())),
             **logs,
         }
 

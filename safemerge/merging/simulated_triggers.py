@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from safemerge.attacks.triggers import identity_grid, warp
 from safemerge.errors import ConfigError
 
 PerturbationSpace = Literal["pixel", "normalized"]
@@ -65,18 +66,59 @@ def shared_adversarial_examples(
     """SAU's shared adversarial examples: per image, ``steps`` signed-gradient steps (size
     ``2.5 · eps / steps``, within the ℓ∞ ball ``eps``) up :func:`shared_wrong_log_probability` of
     the weights ``current`` and ``reference`` — inputs that fool both toward the same wrong class."""
-    size = 2.5 * eps / steps
+    deltas = {t: torch.zeros_like(x) for t, x in batch.items()}
+    return _shared_ascent(
+        learner, current, reference, batch, labels, deltas, eps, steps, lambda x, d: clamp_pixels(x + d, True)
+    )
+
+
+def warp_by_flow(images: Tensor, flow: Tensor) -> Tensor:
+    """Warp ``[B, 3, H, W]`` images by per-image flows ``[B, 2, k, k]``: control-point
+    displacements in pixels (x, y), upsampled bicubically to ``H x W`` and added to the identity
+    grid (:func:`safemerge.attacks.triggers.warp`, WaNet's sampling)."""
+    height, width = images.shape[-2:]
+    dense = F.interpolate(flow, size=(height, width), mode="bicubic", align_corners=True)
+    scale = torch.tensor([2 / (width - 1), 2 / (height - 1)], device=images.device, dtype=dense.dtype)
+    grid = identity_grid(height, width).to(images.device) + dense.permute(0, 2, 3, 1) * scale
+    return warp(images, grid)
+
+
+def shared_adversarial_warps(
+    learner,
+    current,
+    reference,
+    batch: Mapping[str, Tensor],
+    labels: Mapping[str, Tensor],
+    pixels: float,
+    grid_size: int = 4,
+    steps: int = 1,
+) -> dict[str, Tensor]:
+    """Shared adversarial *warps*, SAU's examples for a warping trigger (WaNet), which no small ℓ∞
+    perturbation reaches: per image a smooth flow (:func:`warp_by_flow`, ``grid_size`` x
+    ``grid_size`` control points, each displaced at most ``pixels`` pixels per axis), ``steps``
+    signed-gradient steps up :func:`shared_wrong_log_probability` of ``current`` and ``reference``."""
+    flows = {t: x.new_zeros(len(x), 2, grid_size, grid_size) for t, x in batch.items()}
+    return _shared_ascent(learner, current, reference, batch, labels, flows, pixels, steps, warp_by_flow)
+
+
+def _shared_ascent(learner, current, reference, batch, labels, variables, bound, steps, perturb) -> dict[str, Tensor]:
+    """``steps`` signed-gradient steps (size ``2.5 · bound / steps``, each variable clipped to
+    ``±bound``) on the per-task ``variables`` up the shared wrong log-probability of the images
+    ``perturb(x, variable)``; the perturbed images, detached, in [0, 1]."""
+    size = 2.5 * bound / steps
     with torch.enable_grad():
-        deltas = {t: torch.zeros_like(x, requires_grad=True) for t, x in batch.items()}
+        for variable in variables.values():
+            variable.requires_grad_(True)
         for _ in range(steps):
-            images = {t: clamp_pixels(x + deltas[t], straight_through=True) for t, x in batch.items()}
+            images = {t: perturb(x, variables[t]) for t, x in batch.items()}
             ours, theirs = learner.logits(current, images), learner.logits(reference, images)
             objective = sum(shared_wrong_log_probability(ours[t], theirs[t], labels[t]) for t in batch)
-            grads = torch.autograd.grad(objective, list(deltas.values()))
+            grads = torch.autograd.grad(objective, list(variables.values()))
             with torch.no_grad():
-                for delta, grad in zip(deltas.values(), grads):
-                    delta.add_(size * grad.sign()).clamp_(-eps, eps)
-    return {t: (x + deltas[t]).clamp(0, 1).detach() for t, x in batch.items()}
+                for variable, grad in zip(variables.values(), grads):
+                    variable.add_(size * grad.sign()).clamp_(-bound, bound)
+    with torch.no_grad():
+        return {t: perturb(x, variables[t]).clamp(0, 1) for t, x in batch.items()}
 
 
 class SimulatedTrigger(nn.Module):
