@@ -27,6 +27,7 @@ def _experts(pool):
         "mini_heldout_sig",
         "mini_heldout_same_task",
         "mini_heldout_low_poison",
+        "mini_dev_threats",
     ],
 )
 def test_the_clean_twins_of_every_backdoored_pool_are_the_all_clean_pool(pool):

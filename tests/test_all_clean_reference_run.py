@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import yaml
 
 from safemerge.data import get_task
+from safemerge.errors import ConfigError
 from safemerge.experts import MINI_MODEL, MINI_WEIGHTS, ExpertSpec, ensure_expert
 from safemerge.io import read_expert
 from safemerge.models import cached_task_heads, load_clip
@@ -98,3 +99,55 @@ def test_reference_for_measures_the_pools_triggers_on_the_merge_of_its_clean_twi
             with_pool = {k: base[k] + lam * sum(e[k] - base[k] for e in pool) for k in base}
             pooled = _accuracy(*_predict(clip, with_pool, heads, "mini_letters"))
             assert pooled != pytest.approx(accuracy["mini_letters"], abs=1e-6)
+
+
+def _merged_directory(path, tower, tasks):
+    from safemerge.io import Expert, expert_info, write_expert
+
+    info = expert_info(
+        model=MINI_MODEL, pretrained=MINI_WEIGHTS, task="+".join(tasks), num_classes=1, backdoor=None, metrics={}
+    )
+    return write_expert(path, Expert(encoder=tower, info={**info, "tasks": tasks}))
+
+
+def test_a_merge_of_the_clean_pool_by_another_method_is_measured_with_the_pools_triggers(
+    experts, tmp_path, monkeypatch
+):
+    """``--merged``: a tower merged elsewhere (here λ 0.6 by hand, standing in for a learned
+    method's merged/ directory) is evaluated on the pool's triggers exactly as the TA merges are."""
+    pools = tmp_path / "pools"
+    pools.mkdir()
+    (pools / "tiny.yaml").write_text(yaml.safe_dump({"model": {"init_args": {"experts": REFERENCES}}}))
+    monkeypatch.setattr(all_clean_reference, "resolve_expert", lambda reference, *a, **k: experts[reference])
+    clip = load_clip(MINI_MODEL, MINI_WEIGHTS)
+    base = {k: v.clone() for k, v in clip.visual.state_dict().items()}
+    clean = [read_expert(experts[r]).encoder for r in ("mini:mini_shapes", "mini:mini_letters")]
+    tower = {k: base[k] + 0.6 * sum(e[k] - base[k] for e in clean) for k in base}
+    tasks = ["mini_shapes", "mini_letters"]
+    directory = _merged_directory(tmp_path / "merged", tower, tasks)
+    result = all_clean_reference.reference_for("tiny", [0.3], clip, base, pools=pools, merged={"hand": directory})
+
+    trigger = read_expert(experts["mini:mini_letters:backdoored"]).trigger
+    heads = cached_task_heads(clip, [get_task(t) for t in tasks])
+    reported = result["merged"]["hand"]
+    assert reported["backdoors"][0]["asr"] == pytest.approx(
+        _target_share(*_predict(clip, tower, heads, "mini_shapes", trigger), target=1), abs=1e-6
+    )
+    assert reported["backdoors"][0]["target_rate"] == pytest.approx(
+        _target_share(*_predict(clip, tower, heads, "mini_shapes"), target=1), abs=1e-6
+    )
+    for task in tasks:
+        assert reported["tasks"][task]["accuracy"] == pytest.approx(
+            _accuracy(*_predict(clip, tower, heads, task)), abs=1e-6
+        )
+    assert reported != result["task_arithmetic"]["0.3"]  # its own tower, not the λ 0.3 merge
+
+    other = _merged_directory(tmp_path / "other", tower, ["mini_letters", "mini_shapes"])
+    with pytest.raises(ConfigError, match="merged the tasks mini_letters, mini_shapes, not the pool's"):
+        all_clean_reference.reference_for("tiny", [0.3], clip, base, pools=pools, merged={"other": other})
+
+
+@pytest.mark.parametrize("value", ["noequals", "=dir", "label="])
+def test_merged_arguments_must_be_label_equals_directory(value):
+    with pytest.raises(ConfigError, match="--merged takes LABEL=DIR"):
+        all_clean_reference.merged_directories([value])
