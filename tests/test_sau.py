@@ -163,3 +163,46 @@ def test_the_inverted_patch_is_a_part_only_when_its_term_is_on():
     assert "defense_patch" in toy.learner(SAU(steps=1, patch_weight=1.0)).optimizer_names()
     with pytest.raises(Exception, match="patch_weight must be >= 0"):
         SAU(steps=1, patch_weight=-1.0)
+
+
+@pytest.mark.parametrize("attack_steps", [1, 3])
+def test_l2_shared_adversarial_examples_step_along_the_normalised_gradient_inside_the_l2_ball(attack_steps):
+    """``perturbation_norm: l2``: each image moves along its own normalised gradient of the
+    shared objective (one step: exactly x + ε · ∇ / ‖∇‖, clamped to pixels), never beyond ε in ℓ2,
+    and climbs the objective; it is not the ℓ∞ (signed) step."""
+    images, _ = toy.clean_images(n=8)
+    eps = 0.6
+    defense = SAU(steps=1, perturbation_eps=eps, perturbation_norm="l2", attack_steps=attack_steps)
+    learner = toy.learner(defense)
+    reference, current = toy.weights(torch.ones(2, 12)), toy.weights(moved_mask())
+    pseudo = toy.logits(reference, images).argmax(-1)
+    adversarial = defense.shared_adversarial(
+        learner, {toy.NAME: current}, {toy.NAME: reference}, {"t": images}, {"t": pseudo}
+    )["t"]
+    assert float((adversarial - images).flatten(1).norm(dim=1).max()) <= eps + 1e-5
+
+    def objective(x):
+        return shared_wrong_log_probability(toy.logits(current, x), toy.logits(reference, x), pseudo)
+
+    assert float(objective(adversarial)) > float(objective(images)) + 0.5
+    if attack_steps == 1:
+        x = images.clone().requires_grad_(True)
+        objective(x).backward()
+        norms = x.grad.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        assert torch.allclose(adversarial, (images + eps * x.grad / norms).clamp(0, 1), atol=1e-6)
+        assert not torch.allclose(adversarial, (images + eps * x.grad.sign()).clamp(0, 1), atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"perturbation_norm": "l1"}, "perturbation_norm must be linf or l2"),
+        ({"perturbation_norm": "l2", "perturbation_eps": 0.0}, "l2 radius"),
+        ({"perturbation_norm": "linf", "perturbation_eps": 2.0}, "budget on pixels"),
+    ],
+)
+def test_bad_perturbation_budgets_are_one_line_errors(options, message):
+    from safemerge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        SAU(steps=1, **options).check()

@@ -13,8 +13,9 @@ from safemerge.errors import ConfigError
 from safemerge.merging.contract import Optimize
 from safemerge.merging.simulated_triggers import (
     PatchTrigger,
+    PerturbationNorm,
     check_area_weight,
-    check_budget,
+    check_norm_budget,
     shared_adversarial_examples,
     shared_adversarial_warps,
 )
@@ -29,7 +30,8 @@ class SAU(Defense):
     Per step:
 
     1. **shared adversarial examples**: per image, ``attack_steps`` signed-gradient steps
-       (ℓ∞ ball ``perturbation_eps``, step ``2.5 · eps / attack_steps``) up
+       (ℓ∞ ball ``perturbation_eps``, step ``2.5 · eps / attack_steps``; or normalised-gradient
+       steps in the ℓ2 ball, ``perturbation_norm: l2``) up
        :func:`shared_wrong_log_probability` of the masked model and the reference — inputs
        that fool both in the same way, which is what a backdoor does to a model and its
        defended copy alike;
@@ -51,7 +53,10 @@ class SAU(Defense):
     Args:
         steps: defence steps (after the method's).
         mask_lr: Adam learning rate of the mask.
-        perturbation_eps: ℓ∞ budget of the per-image perturbations, on pixels in [0, 1].
+        perturbation_eps: budget of the per-image perturbations: the ℓ∞ radius on pixels in
+            [0, 1], or the ℓ2 radius over the image's pixels (``perturbation_norm: l2``).
+        perturbation_norm: ``linf`` (SAU as published) or ``l2``, whose ball holds a stamped
+            patch, a blend or a sinusoid of the same energy.
         attack_steps: signed-gradient steps per batch (cost: two forward/backward each).
         adv_weight: weight of the unlearning term.
         pseudo_labels: ``merged`` or ``experts`` (:mod:`safemerge.defenses.base`).
@@ -67,6 +72,7 @@ class SAU(Defense):
     steps: int = 200
     mask_lr: float = 1e-2
     perturbation_eps: float = 16 / 255
+    perturbation_norm: PerturbationNorm = "linf"
     attack_steps: int = 2
     adv_weight: float = 1.0
     pseudo_labels: str = "merged"
@@ -92,7 +98,7 @@ class SAU(Defense):
         for key in ("adv_weight", "patch_weight", "patch_lr", "warp_weight"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"sau: {key} must be >= 0, got {getattr(self, key)}")
-        check_budget("sau", self.perturbation_eps)
+        check_norm_budget("sau", self.perturbation_norm, self.perturbation_eps)
         check_area_weight("sau", self.patch_area_weight)
 
     def parts(self, learner) -> dict[str, nn.Module]:
@@ -109,7 +115,7 @@ class SAU(Defense):
     def shared_adversarial(self, learner, current, reference, batch, pseudo) -> dict[str, Tensor]:
         """Per-image perturbations toward a wrong class both models share (signed gradient ascent)."""
         return shared_adversarial_examples(
-            learner, current, reference, batch, pseudo, self.perturbation_eps, self.attack_steps
+            learner, current, reference, batch, pseudo, self.perturbation_eps, self.attack_steps, self.perturbation_norm
         )
 
     def defense_step(self, learner, step, batch, optimizers, reduce) -> dict[str, float]:

@@ -60,15 +60,42 @@ def shared_wrong_log_probability(logits: Tensor, reference_logits: Tensor, label
     return wrong.clamp_min(1e-12).log().mean()
 
 
+PerturbationNorm = Literal["linf", "l2"]
+
+
+def check_norm_budget(owner: str, norm: str, eps: float) -> None:
+    """A one-line error unless ``eps`` is a budget of the ``norm`` ball: ℓ∞ on pixels in [0, 1]
+    (:func:`check_budget`), ℓ2 positive (over an image's 3·H·W pixels)."""
+    if norm not in ("linf", "l2"):
+        raise ConfigError(f"{owner}: perturbation_norm must be linf or l2, got {norm!r}")
+    if norm == "linf":
+        check_budget(owner, eps)
+    elif not eps > 0:
+        raise ConfigError(
+            f"{owner}: perturbation_eps is an l2 radius over the image's pixels and must be > 0; got {eps}"
+        )
+
+
 def shared_adversarial_examples(
-    learner, current, reference, batch: Mapping[str, Tensor], labels: Mapping[str, Tensor], eps: float, steps: int = 1
+    learner,
+    current,
+    reference,
+    batch: Mapping[str, Tensor],
+    labels: Mapping[str, Tensor],
+    eps: float,
+    steps: int = 1,
+    norm: PerturbationNorm = "linf",
 ) -> dict[str, Tensor]:
-    """SAU's shared adversarial examples: per image, ``steps`` signed-gradient steps (size
-    ``2.5 · eps / steps``, within the ℓ∞ ball ``eps``) up :func:`shared_wrong_log_probability` of
-    the weights ``current`` and ``reference`` — inputs that fool both toward the same wrong class."""
+    """SAU's shared adversarial examples: per image, ``steps`` steps up
+    :func:`shared_wrong_log_probability` of the weights ``current`` and ``reference`` — inputs
+    that fool both toward the same wrong class — within the ``norm`` ball of radius ``eps``:
+    ℓ∞, signed-gradient steps of ``2.5 · eps / steps``; ℓ2, normalised-gradient steps of that
+    size, projected back onto the ball. An ℓ2 ball spends its budget where the gradient is: a
+    radius of a few pixels' worth holds a stamped patch, a blend or a sinusoid, which a small
+    ℓ∞ ball does not."""
     deltas = {t: torch.zeros_like(x) for t, x in batch.items()}
     return _shared_ascent(
-        learner, current, reference, batch, labels, deltas, eps, steps, lambda x, d: clamp_pixels(x + d, True)
+        learner, current, reference, batch, labels, deltas, eps, steps, lambda x, d: clamp_pixels(x + d, True), norm
     )
 
 
@@ -98,13 +125,17 @@ def shared_adversarial_warps(
     ``grid_size`` control points, each displaced at most ``pixels`` pixels per axis), ``steps``
     signed-gradient steps up :func:`shared_wrong_log_probability` of ``current`` and ``reference``."""
     flows = {t: x.new_zeros(len(x), 2, grid_size, grid_size) for t, x in batch.items()}
-    return _shared_ascent(learner, current, reference, batch, labels, flows, pixels, steps, warp_by_flow)
+    return _shared_ascent(learner, current, reference, batch, labels, flows, pixels, steps, warp_by_flow, "linf")
 
 
-def _shared_ascent(learner, current, reference, batch, labels, variables, bound, steps, perturb) -> dict[str, Tensor]:
-    """``steps`` signed-gradient steps (size ``2.5 · bound / steps``, each variable clipped to
-    ``±bound``) on the per-task ``variables`` up the shared wrong log-probability of the images
-    ``perturb(x, variable)``; the perturbed images, detached, in [0, 1]."""
+def _shared_ascent(
+    learner, current, reference, batch, labels, variables, bound, steps, perturb, norm: PerturbationNorm
+) -> dict[str, Tensor]:
+    """``steps`` steps of size ``2.5 · bound / steps`` on the per-task ``variables`` (one row
+    per image) up the shared wrong log-probability of the images ``perturb(x, variable)``:
+    signed-gradient steps clipped to ``±bound`` (``linf``), or normalised-gradient steps
+    projected onto the ℓ2 ball of radius ``bound`` (``l2``); the perturbed images, detached, in
+    [0, 1]."""
     size = 2.5 * bound / steps
     with torch.enable_grad():
         for variable in variables.values():
@@ -116,9 +147,18 @@ def _shared_ascent(learner, current, reference, batch, labels, variables, bound,
             grads = torch.autograd.grad(objective, list(variables.values()))
             with torch.no_grad():
                 for variable, grad in zip(variables.values(), grads):
-                    variable.add_(size * grad.sign()).clamp_(-bound, bound)
+                    if norm == "linf":
+                        variable.add_(size * grad.sign()).clamp_(-bound, bound)
+                    else:
+                        variable.add_(size * grad / _norms(grad).clamp_min(1e-12))
+                        variable.mul_((bound / _norms(variable).clamp_min(1e-12)).clamp(max=1.0))
     with torch.no_grad():
         return {t: perturb(x, variables[t]).clamp(0, 1) for t, x in batch.items()}
+
+
+def _norms(rows: Tensor) -> Tensor:
+    """Each row's ℓ2 norm, shaped to broadcast against the rows."""
+    return rows.flatten(1).norm(dim=1).view(-1, *[1] * (rows.dim() - 1))
 
 
 class SimulatedTrigger(nn.Module):
