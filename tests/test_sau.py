@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from safemerge.defenses import SAU
+from safemerge.merging.simulated_triggers import shared_adversarial_examples
 
 EPS = 0.3
 
@@ -167,17 +168,16 @@ def test_the_inverted_patch_is_a_part_only_when_its_term_is_on():
 
 @pytest.mark.parametrize("attack_steps", [1, 3])
 def test_l2_shared_adversarial_examples_step_along_the_normalised_gradient_inside_the_l2_ball(attack_steps):
-    """``perturbation_norm: l2``: each image moves along its own normalised gradient of the
-    shared objective (one step: exactly x + ε · ∇ / ‖∇‖, clamped to pixels), never beyond ε in ℓ2,
-    and climbs the objective; it is not the ℓ∞ (signed) step."""
+    """``norm="l2"``: each image moves along its own normalised gradient of the shared
+    objective (one step: exactly x + ε · ∇ / ‖∇‖, clamped to pixels), never beyond ε in ℓ2, and
+    climbs the objective; it is not the ℓ∞ (signed) step."""
     images, _ = toy.clean_images(n=8)
     eps = 0.6
-    defense = SAU(steps=1, perturbation_eps=eps, perturbation_norm="l2", attack_steps=attack_steps)
-    learner = toy.learner(defense)
+    learner = toy.learner(SAU(steps=1))
     reference, current = toy.weights(torch.ones(2, 12)), toy.weights(moved_mask())
     pseudo = toy.logits(reference, images).argmax(-1)
-    adversarial = defense.shared_adversarial(
-        learner, {toy.NAME: current}, {toy.NAME: reference}, {"t": images}, {"t": pseudo}
+    adversarial = shared_adversarial_examples(
+        learner, {toy.NAME: current}, {toy.NAME: reference}, {"t": images}, {"t": pseudo}, eps, attack_steps, "l2"
     )["t"]
     assert float((adversarial - images).flatten(1).norm(dim=1).max()) <= eps + 1e-5
 
@@ -193,12 +193,51 @@ def test_l2_shared_adversarial_examples_step_along_the_normalised_gradient_insid
         assert not torch.allclose(adversarial, (images + eps * x.grad.sign()).clamp(0, 1), atol=1e-3)
 
 
+def expected_l2_gradient(mask, images, l2_weight, eps, keep=lambda shared: shared, labels=lambda y: y):
+    """The mask gradient of ``CE(f(x), ŷ) + w · CE(f(x̃), ŷ)`` over the shared ℓ2 examples x̃
+    (adv_weight 0: the ℓ∞ term off), recomputed with the toy's plain logits: one normalised
+    gradient step of ε."""
+    reference, current = toy.weights(torch.ones(2, 12)), toy.weights(mask)
+    pseudo = toy.logits(reference, images).argmax(-1)
+    x = images.clone().requires_grad_(True)
+    objective = shared_wrong_log_probability(toy.logits(current, x), toy.logits(reference, x), pseudo)
+    (grad,) = torch.autograd.grad(objective, x)
+    examples = (images + eps * grad / grad.flatten(1).norm(dim=1).view(-1, 1, 1, 1)).clamp(0, 1)
+    reference_predictions = toy.logits(reference, examples).argmax(-1)
+    m = mask.clone().requires_grad_(True)
+    clean, adversarial = toy.logits(toy.weights(m), images), toy.logits(toy.weights(m), examples)
+    shared = keep((adversarial.argmax(-1) == reference_predictions) & (reference_predictions != pseudo))
+    unlearn = (F.cross_entropy(adversarial, labels(pseudo), reduction="none") * shared).sum() / len(images)
+    return torch.autograd.grad(F.cross_entropy(clean, pseudo) + l2_weight * unlearn, m)[0], shared
+
+
+def test_the_l2_term_unlearns_the_shared_l2_examples_toward_the_clean_labels():
+    images, _ = toy.clean_images(n=8)
+    mask, eps = moved_mask(), 0.8
+    expected, shared = expected_l2_gradient(mask, images, 2.0, eps)
+    assert 0 < int(shared.sum()) < len(images), shared
+    learner = toy.learner(SAU(steps=1, mask_lr=0.01, attack_steps=1, adv_weight=0.0, l2_weight=2.0, l2_eps=eps))
+    toy.set_mask(learner, mask)
+    record = toy.Recorder()
+    losses = learner.training_step(0, {"t": images}, learner.make_optimizers(), reduce=record)
+    assert torch.allclose(record.grads[0], expected, atol=1e-5), (record.grads[0] - expected).abs().max()
+    assert losses["l2_unlearning_loss"] > 0
+    # the toy tells the right term from a dropped one, a flipped sign, swapped labels, every image
+    for wrong in (
+        expected_l2_gradient(mask, images, 0.0, eps)[0],
+        expected_l2_gradient(mask, images, -2.0, eps)[0],
+        expected_l2_gradient(mask, images, 2.0, eps, labels=lambda y: 1 - y)[0],
+        expected_l2_gradient(mask, images, 2.0, eps, keep=lambda s: torch.ones_like(s))[0],
+    ):
+        assert (wrong - expected).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"perturbation_norm": "l1"}, "perturbation_norm must be linf or l2"),
-        ({"perturbation_norm": "l2", "perturbation_eps": 0.0}, "l2 radius"),
-        ({"perturbation_norm": "linf", "perturbation_eps": 2.0}, "budget on pixels"),
+        ({"l2_eps": 0.0}, "l2 radius"),
+        ({"perturbation_eps": 2.0}, "budget on pixels"),
+        ({"l2_weight": -1.0}, "l2_weight must be >= 0"),
     ],
 )
 def test_bad_perturbation_budgets_are_one_line_errors(options, message):

@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from safemerge.attacks.triggers import identity_grid, warp
 from safemerge.errors import ConfigError
 
 PerturbationSpace = Literal["pixel", "normalized"]
@@ -97,35 +96,6 @@ def shared_adversarial_examples(
     return _shared_ascent(
         learner, current, reference, batch, labels, deltas, eps, steps, lambda x, d: clamp_pixels(x + d, True), norm
     )
-
-
-def warp_by_flow(images: Tensor, flow: Tensor) -> Tensor:
-    """Warp ``[B, 3, H, W]`` images by per-image flows ``[B, 2, k, k]``: control-point
-    displacements in pixels (x, y), upsampled bicubically to ``H x W`` and added to the identity
-    grid (:func:`safemerge.attacks.triggers.warp`, WaNet's sampling)."""
-    height, width = images.shape[-2:]
-    dense = F.interpolate(flow, size=(height, width), mode="bicubic", align_corners=True)
-    scale = torch.tensor([2 / (width - 1), 2 / (height - 1)], device=images.device, dtype=dense.dtype)
-    grid = identity_grid(height, width).to(images.device) + dense.permute(0, 2, 3, 1) * scale
-    return warp(images, grid)
-
-
-def shared_adversarial_warps(
-    learner,
-    current,
-    reference,
-    batch: Mapping[str, Tensor],
-    labels: Mapping[str, Tensor],
-    pixels: float,
-    grid_size: int = 4,
-    steps: int = 1,
-) -> dict[str, Tensor]:
-    """Shared adversarial *warps*, SAU's examples for a warping trigger (WaNet), which no small ℓ∞
-    perturbation reaches: per image a smooth flow (:func:`warp_by_flow`, ``grid_size`` x
-    ``grid_size`` control points, each displaced at most ``pixels`` pixels per axis), ``steps``
-    signed-gradient steps up :func:`shared_wrong_log_probability` of ``current`` and ``reference``."""
-    flows = {t: x.new_zeros(len(x), 2, grid_size, grid_size) for t, x in batch.items()}
-    return _shared_ascent(learner, current, reference, batch, labels, flows, pixels, steps, warp_by_flow, "linf")
 
 
 def _shared_ascent(
