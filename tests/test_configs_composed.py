@@ -22,7 +22,7 @@ def test_the_generated_configs_are_current():
         assert path.read_text() == text, f"{path} is stale: run python -m safemerge.protocol.configs"
 
 
-def test_the_main_job_is_base_expert_label_merging_sau_expert_labels_one_attack_step_with_base_outputs():
+def test_the_main_job_is_base_expert_label_merging_sau_expert_labels_one_attack_step_l2_200_steps_with_base_outputs():
     job = yaml.safe_load((CONFIGS / "merge.yaml").read_text())
     parts = composed(
         [
@@ -33,6 +33,8 @@ def test_the_main_job_is_base_expert_label_merging_sau_expert_labels_one_attack_
                 "defense/sau.yaml",
                 "defense/expert_labels.yaml",
                 "defense/one_attack_step.yaml",
+                "defense/l2_examples.yaml",
+                "defense/steps_200.yaml",
             )
         ]
     )
@@ -45,6 +47,12 @@ def test_the_main_job_is_base_expert_label_merging_sau_expert_labels_one_attack_
     assert (
         init["defense"]["init_args"]["attack_steps"] == 1 and init["defense"]["init_args"]["pseudo_labels"] == "experts"
     )
+    assert {k: init["defense"]["init_args"][k] for k in ("steps", "adv_weight", "l2_weight", "l2_eps")} == {
+        "steps": 200,
+        "adv_weight": 0.0,
+        "l2_weight": 1.0,
+        "l2_eps": 6.0,
+    }
     # everything but the output places is the composition; those stay base's
     assert (
         init["output_dir"]

@@ -52,7 +52,7 @@ class SAU(Defense):
         mask_lr: Adam learning rate of the mask.
         perturbation_eps: ℓ∞ budget of the per-image perturbations, on pixels in [0, 1].
         attack_steps: signed-gradient steps per batch (cost: two forward/backward each).
-        adv_weight: weight of the unlearning term.
+        adv_weight: weight of the unlearning term of the ℓ∞ examples (0: none, not computed).
         pseudo_labels: ``merged`` or ``experts`` (:mod:`safemerge.defenses.base`).
         patch_weight: weight of the inverted-patch unlearning term (0: none, SAU as published).
         patch_lr: Adam learning rate of the inverted patch's mask and pattern logits.
@@ -109,9 +109,12 @@ class SAU(Defense):
         pseudo = self.clean_labels(learner, batch, reference)
         with torch.no_grad():
             current = self.defended_weights(learner)
-        unlearned = {
-            "adversarial": (self.adv_weight, self.shared_adversarial(learner, current, reference, batch, pseudo))
-        }
+        unlearned = {}  # name -> (weight, examples); a set of weight 0 is not computed
+        if self.adv_weight > 0:
+            unlearned["adversarial"] = (
+                self.adv_weight,
+                self.shared_adversarial(learner, current, reference, batch, pseudo),
+            )
         if self.l2_weight > 0:
             examples = shared_adversarial_examples(
                 learner, current, reference, batch, pseudo, self.l2_eps, self.attack_steps, norm="l2"
@@ -156,7 +159,7 @@ class SAU(Defense):
         parts.masked_update.project_()
         return {
             "clean_loss": float(clean.detach()),
-            "shared_fraction": shared_count / (len(unlearned) * sum(len(x) for x in batch.values())),
+            "shared_fraction": shared_count / max(1, len(unlearned) * sum(len(x) for x in batch.values())),
             **logs,
         }
 
