@@ -63,13 +63,19 @@ def _target_share(predictions, labels, target) -> float:
     return float((predictions[kept] == target).float().mean())
 
 
-def test_reference_for_measures_the_pools_triggers_on_the_merge_of_its_clean_twins(experts, tmp_path, monkeypatch):
+def _tiny_pool(experts, tmp_path, monkeypatch):
+    """A pools folder with the pool ``tiny`` (REFERENCES, resolved to the quick experts), the
+    mini CLIP and its base tower."""
     pools = tmp_path / "pools"
     pools.mkdir()
     (pools / "tiny.yaml").write_text(yaml.safe_dump({"model": {"init_args": {"experts": REFERENCES}}}))
     monkeypatch.setattr(all_clean_reference, "resolve_expert", lambda reference, *a, **k: experts[reference])
     clip = load_clip(MINI_MODEL, MINI_WEIGHTS)
-    base = {k: v.clone() for k, v in clip.visual.state_dict().items()}
+    return pools, clip, {k: v.clone() for k, v in clip.visual.state_dict().items()}
+
+
+def test_reference_for_measures_the_pools_triggers_on_the_merge_of_its_clean_twins(experts, tmp_path, monkeypatch):
+    pools, clip, base = _tiny_pool(experts, tmp_path, monkeypatch)
     result = all_clean_reference.reference_for("tiny", LAMBDAS, clip, base, pools=pools)
 
     assert result["clean_experts"] == ["mini:mini_shapes", "mini:mini_letters"]
@@ -115,12 +121,7 @@ def test_a_merge_of_the_clean_pool_by_another_method_is_measured_with_the_pools_
 ):
     """``--merged``: a tower merged elsewhere (here λ 0.6 by hand, standing in for a learned
     method's merged/ directory) is evaluated on the pool's triggers exactly as the TA merges are."""
-    pools = tmp_path / "pools"
-    pools.mkdir()
-    (pools / "tiny.yaml").write_text(yaml.safe_dump({"model": {"init_args": {"experts": REFERENCES}}}))
-    monkeypatch.setattr(all_clean_reference, "resolve_expert", lambda reference, *a, **k: experts[reference])
-    clip = load_clip(MINI_MODEL, MINI_WEIGHTS)
-    base = {k: v.clone() for k, v in clip.visual.state_dict().items()}
+    pools, clip, base = _tiny_pool(experts, tmp_path, monkeypatch)
     clean = [read_expert(experts[r]).encoder for r in ("mini:mini_shapes", "mini:mini_letters")]
     tower = {k: base[k] + 0.6 * sum(e[k] - base[k] for e in clean) for k in base}
     tasks = ["mini_shapes", "mini_letters"]
