@@ -131,19 +131,23 @@ def _printed_config(capsys, *configs: Path) -> dict:
 
 def test_the_main_job_is_the_base_composed_with_expert_label_merging_and_sau_on_expert_labels(capsys):
     """configs/merge.yaml runs on its own; it is the same merge as base + expert_label_merging + sau +
-    expert_labels + one_attack_step."""
+    expert_labels + one_attack_step + l2_examples + steps_200."""
     main_job = _printed_config(capsys, REPO / "configs" / "merge.yaml")
     composed = _printed_config(
         capsys,
         BASE,
         REPO / "configs" / "merge" / "expert_label_merging.yaml",
-        *(REPO / "configs" / "defense" / f"{name}.yaml" for name in ("sau", "expert_labels", "one_attack_step")),
+        *(
+            REPO / "configs" / "defense" / f"{name}.yaml"
+            for name in ("sau", "expert_labels", "one_attack_step", "l2_examples", "steps_200")
+        ),
     )
     composed["model"]["init_args"]["output_dir"] = main_job["model"]["init_args"]["output_dir"]
     assert main_job["model"] == composed["model"] and main_job["data"] == composed["data"]
     assert main_job["model"]["init_args"]["defense"]["class_path"] == "safemerge.defenses.SAU"
     assert main_job["model"]["init_args"]["defense"]["init_args"]["pseudo_labels"] == "experts"
     assert main_job["model"]["init_args"]["defense"]["init_args"]["attack_steps"] == 1
+    assert main_job["model"]["init_args"]["defense"]["init_args"]["l2_weight"] == 1.0
     assert main_job["model"]["init_args"]["method"]["class_path"] == "safemerge.merging.ExpertLabelMerging"
     assert composed["trainer"]["logger"]["init_args"]["name"] == "expert_label_merging"  # the logger's name merged in
 

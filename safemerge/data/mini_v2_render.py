@@ -46,6 +46,14 @@ def _upsample(native: int) -> np.ndarray:
     return mini_v1._upscale_matrix(SIZE, native)
 
 
+def _resample(up: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """``up @ grid @ up.T`` computed in float64, returned in float32: the same pixels whatever
+    BLAS kernel the machine picks (a float32 product's rounding depends on it: OpenBLAS's
+    Haswell and SkylakeX kernels drew different digits and terrain images)."""
+    up = up.astype(np.float64)
+    return (up @ grid.astype(np.float64) @ up.T).astype(np.float32)
+
+
 def _smooth_noise(rng: np.random.Generator, octaves: tuple[int, ...] = (4, 8, 16)) -> np.ndarray:
     """Value noise ``[SIZE, SIZE]`` in roughly [0, 1]: random grids upsampled and summed."""
     total = np.zeros((SIZE, SIZE), dtype=np.float32)
@@ -53,7 +61,7 @@ def _smooth_noise(rng: np.random.Generator, octaves: tuple[int, ...] = (4, 8, 16
     for i, n in enumerate(octaves):
         up = _upsample(n)
         w = 0.5**i
-        total += w * (up @ rng.random((n, n)).astype(np.float32) @ up.T)
+        total += w * _resample(up, rng.random((n, n)).astype(np.float32))
         weight += w
     return total / weight
 
@@ -90,7 +98,7 @@ def _digits(label: int, rng: np.random.Generator, split: Split) -> Image:
     pool = mini_v1._digits_by_class(split)[label]
     glyph_side = int(rng.integers(18, 29))
     up = mini_v1._upscale_matrix(glyph_side)
-    glyph = np.clip(up @ images[int(pool[rng.integers(len(pool))])] @ up.T * rng.uniform(1.1, 1.5), 0, 1)
+    glyph = np.clip(_resample(up, images[int(pool[rng.integers(len(pool))])]) * rng.uniform(1.1, 1.5), 0, 1)
     canvas = np.zeros((SIZE, SIZE), dtype=np.float32)
     top, left = (int(v) for v in rng.integers(0, SIZE - glyph_side + 1, size=2))
     canvas[top : top + glyph_side, left : left + glyph_side] = glyph
