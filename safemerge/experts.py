@@ -391,8 +391,9 @@ def resolve_expert(reference: str, accelerator: str = "auto") -> Path:
 
     ``mini:<task>`` is the clean mini expert of ``<task>``; ``mini:<task>:backdoored`` its
     backdoored twin from :data:`MINI_BACKDOORS`, ``mini:<task>:<variant>`` a held-out one
-    (:data:`MINI_HELDOUT_BACKDOORS`) or one of the second dev pool's (:data:`MINI_DEV_BACKDOORS`). A path may use ``~`` and environment
-    variables (``$SAFEMERGE_EXPERTS/gtsrb``, as the paper configs do).
+    (:data:`MINI_HELDOUT_BACKDOORS`) or one of the second dev pool's
+    (:data:`MINI_DEV_BACKDOORS`). A path may use ``~`` and environment variables
+    (``$SAFEMERGE_EXPERTS/gtsrb``, as the paper configs do).
     """
     if not reference.startswith(MINI_PREFIX):
         path = os.path.expandvars(os.path.expanduser(reference))

@@ -14,7 +14,8 @@ from safemerge.merging.contract import Optimize
 from safemerge.merging.simulated_triggers import (
     PatchTrigger,
     check_area_weight,
-    check_norm_budget,
+    check_budget,
+    check_l2_radius,
     shared_adversarial_examples,
 )
 
@@ -82,8 +83,8 @@ class SAU(Defense):
         for key in ("adv_weight", "patch_weight", "patch_lr", "l2_weight"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"sau: {key} must be >= 0, got {getattr(self, key)}")
-        check_norm_budget("sau", "linf", self.perturbation_eps)
-        check_norm_budget("sau", "l2", self.l2_eps)
+        check_budget("sau", self.perturbation_eps)
+        check_l2_radius("sau", self.l2_eps)
         check_area_weight("sau", self.patch_area_weight)
 
     def parts(self, learner) -> dict[str, nn.Module]:

@@ -62,17 +62,10 @@ def shared_wrong_log_probability(logits: Tensor, reference_logits: Tensor, label
 PerturbationNorm = Literal["linf", "l2"]
 
 
-def check_norm_budget(owner: str, norm: str, eps: float) -> None:
-    """A one-line error unless ``eps`` is a budget of the ``norm`` ball: ℓ∞ on pixels in [0, 1]
-    (:func:`check_budget`), ℓ2 positive (over an image's 3·H·W pixels)."""
-    if norm not in ("linf", "l2"):
-        raise ConfigError(f"{owner}: perturbation_norm must be linf or l2, got {norm!r}")
-    if norm == "linf":
-        check_budget(owner, eps)
-    elif not eps > 0:
-        raise ConfigError(
-            f"{owner}: perturbation_eps is an l2 radius over the image's pixels and must be > 0; got {eps}"
-        )
+def check_l2_radius(owner: str, eps: float) -> None:
+    """A one-line error unless ``eps`` (``l2_eps``) is a positive ℓ2 radius over an image's pixels."""
+    if not eps > 0:
+        raise ConfigError(f"{owner}: l2_eps is an l2 radius over the image's pixels and must be > 0; got {eps}")
 
 
 def shared_adversarial_examples(

@@ -5,7 +5,8 @@ LightningCLI configs cannot include one another, so the default pool's one defin
 
 - ``configs/merge/base.yaml`` (hand-written) gets its ``experts:`` list from the pool file;
 - ``configs/merge.yaml`` (the main job) is generated whole: ``base`` + ``expert_label_merging`` + ``sau`` +
-  ``expert_labels`` + ``one_attack_step`` + ``l2_examples`` + ``steps_200``, keeping base's output places (``outputs/merge``).
+  ``expert_labels`` + ``one_attack_step`` + ``l2_examples`` + ``steps_200``, keeping base's output
+  places (``outputs/merge``).
 
 ``python -m safemerge.protocol.configs`` rewrites both; ``--check`` only says whether they are
 current (``tests/test_configs_composed.py`` fails when they are not).
@@ -46,9 +47,9 @@ MAIN_JOB_HEADER = """\
 # The defended default: merging by expert labels (layer-wise λ trained by cross-entropy against
 # each task's own expert's predictions, SyMerge's signal), then SAU (shared adversarial unlearning
 # with a mask over the merged update; 200 steps, its shared adversarial examples in an l2 ball) with
-# its clean pseudo-labels taken from each task's own expert too (label-free), over the default mini pool (configs/pools/mini_default.yaml): six experts on the
-# bundled tiny CLIP (MiniCLIP-ViT, weights mini2), one per mini task, each task on its own image
-# domain; three are backdoored: BadMerging on-task (terrain), BadMerging off-task (fashion expert
+# its clean pseudo-labels taken from each task's own expert too (label-free), over the default
+# mini pool (configs/pools/mini_default.yaml): six experts on the bundled tiny CLIP (MiniCLIP-ViT,
+# weights mini2), one per mini task, each task on its own image domain; three are backdoored: BadMerging on-task (terrain), BadMerging off-task (fashion expert
 # -> digit task) and plain BadNets (letters). Chosen on this (dev) pool and the second dev pool
 # (configs/pools/mini_dev_threats.yaml) among TA, AdaMerging, merging by expert labels, DAM and its
 # variants, AWM and SAU's options; measured on held-out pools in the README. The first run
