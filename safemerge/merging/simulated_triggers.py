@@ -85,38 +85,22 @@ def shared_adversarial_examples(
     size, projected back onto the ball. An ℓ2 ball spends its budget where the gradient is: a
     radius of a few pixels' worth holds a stamped patch, a blend or a sinusoid, which a small
     ℓ∞ ball does not."""
-    deltas = {t: torch.zeros_like(x) for t, x in batch.items()}
-    return _shared_ascent(
-        learner, current, reference, batch, labels, deltas, eps, steps, lambda x, d: clamp_pixels(x + d, True), norm
-    )
-
-
-def _shared_ascent(
-    learner, current, reference, batch, labels, variables, bound, steps, perturb, norm: PerturbationNorm
-) -> dict[str, Tensor]:
-    """``steps`` steps of size ``2.5 · bound / steps`` on the per-task ``variables`` (one row
-    per image) up the shared wrong log-probability of the images ``perturb(x, variable)``:
-    signed-gradient steps clipped to ``±bound`` (``linf``), or normalised-gradient steps
-    projected onto the ℓ2 ball of radius ``bound`` (``l2``); the perturbed images, detached, in
-    [0, 1]."""
-    size = 2.5 * bound / steps
+    size = 2.5 * eps / steps
     with torch.enable_grad():
-        for variable in variables.values():
-            variable.requires_grad_(True)
+        deltas = {t: torch.zeros_like(x, requires_grad=True) for t, x in batch.items()}
         for _ in range(steps):
-            images = {t: perturb(x, variables[t]) for t, x in batch.items()}
+            images = {t: clamp_pixels(x + deltas[t], straight_through=True) for t, x in batch.items()}
             ours, theirs = learner.logits(current, images), learner.logits(reference, images)
             objective = sum(shared_wrong_log_probability(ours[t], theirs[t], labels[t]) for t in batch)
-            grads = torch.autograd.grad(objective, list(variables.values()))
+            grads = torch.autograd.grad(objective, list(deltas.values()))
             with torch.no_grad():
-                for variable, grad in zip(variables.values(), grads):
+                for delta, grad in zip(deltas.values(), grads):
                     if norm == "linf":
-                        variable.add_(size * grad.sign()).clamp_(-bound, bound)
+                        delta.add_(size * grad.sign()).clamp_(-eps, eps)
                     else:
-                        variable.add_(size * grad / _norms(grad).clamp_min(1e-12))
-                        variable.mul_((bound / _norms(variable).clamp_min(1e-12)).clamp(max=1.0))
-    with torch.no_grad():
-        return {t: perturb(x, variables[t]).clamp(0, 1) for t, x in batch.items()}
+                        delta.add_(size * grad / _norms(grad).clamp_min(1e-12))
+                        delta.mul_((eps / _norms(delta).clamp_min(1e-12)).clamp(max=1.0))
+    return {t: (x + deltas[t]).clamp(0, 1).detach() for t, x in batch.items()}
 
 
 def _norms(rows: Tensor) -> Tensor:
