@@ -16,6 +16,7 @@ from safemerge.merging.simulated_triggers import (
     check_area_weight,
     check_budget,
     check_l2_radius,
+    shared_adversarial_ascent,
     shared_adversarial_examples,
 )
 
@@ -108,20 +109,28 @@ class SAU(Defense):
         parts = learner.defense_parts
         reference = self.defended_weights(learner, masked=False)
         pseudo = self.clean_labels(learner, batch, reference)
-        with torch.no_grad():
-            current = self.defended_weights(learner)
+        weights = self.defended_weights(learner)
+        current = {name: w.detach() for name, w in weights.items()}
+        budgets = {
+            "adversarial": (self.adv_weight, self.perturbation_eps, "linf"),
+            "l2": (self.l2_weight, self.l2_eps, "l2"),
+        }
         unlearned = {}  # name -> (weight, examples); a set of weight 0 is not computed
-        if self.adv_weight > 0:
-            unlearned["adversarial"] = (
-                self.adv_weight,
-                self.shared_adversarial(learner, current, reference, batch, pseudo),
-            )
-        if self.l2_weight > 0:
-            examples = shared_adversarial_examples(
-                learner, current, reference, batch, pseudo, self.l2_eps, self.attack_steps, norm="l2"
-            )
-            unlearned["l2"] = (self.l2_weight, examples)
+        clean_logits = None  # the clean forward pass of the masked model, from the first ascent
+        for name, (weight, eps, norm) in budgets.items():
+            if weight > 0:
+                examples, logits = shared_adversarial_ascent(
+                    learner, weights, reference, batch, pseudo, eps, self.attack_steps, norm
+                )
+                unlearned[name] = (weight, examples)
+                clean_logits = logits if clean_logits is None else clean_logits
+        # an adversarial image can count only where it fools the frozen reference (see below),
+        # so only those go through the masked model again
         reference_predictions = {name: learner.pseudo_labels(reference, x) for name, (_, x) in unlearned.items()}
+        fooled = {
+            name: {t: (predicted[t] != pseudo[t]).nonzero().squeeze(1) for t in batch}
+            for name, predicted in reference_predictions.items()
+        }
         logs: dict[str, float] = {}
         patched: dict[str, Tensor] = {}
         if self.patch_weight > 0:  # the inverted patch takes its step against the current defended model
@@ -131,28 +140,30 @@ class SAU(Defense):
             with torch.no_grad():
                 patched = {t: parts.patch.apply(x, t) for t, x in batch.items()}
 
-        weights = self.defended_weights(learner)
-        n = len(batch)
-        pairs = [*batch.items()]
-        for _, examples in unlearned.values():
-            pairs += examples.items()
-        logits = learner.forward_pairs(weights, [*pairs, *patched.items()])
-        clean = sum(F.cross_entropy(l.float(), pseudo[t]) for t, l in zip(batch, logits[:n]))
-        loss, shared_count = clean, 0
+        pairs = [] if clean_logits is not None else [*batch.items()]
+        for name, (_, examples) in unlearned.items():
+            pairs += [(t, x[fooled[name][t]]) for t, x in examples.items()]
+        pairs += patched.items()
+        logits = learner.forward_pairs(weights, pairs) if any(len(x) for _, x in pairs) else []
+        if clean_logits is None:
+            clean_logits, logits = dict(zip(batch, logits)), logits[len(batch) :]
+        clean = sum(F.cross_entropy(clean_logits[t].float(), pseudo[t]) for t in batch)
+        loss, shared_count, n = clean, 0, len(batch)
         for index, (name, (weight, _)) in enumerate(unlearned.items()):
             unlearn = 0.0
-            for task, a in zip(batch, logits[(index + 1) * n : (index + 2) * n]):
-                predicted = reference_predictions[name][task]
-                shared = (a.argmax(-1) == predicted) & (predicted != pseudo[task])
-                per_image = F.cross_entropy(a.float(), pseudo[task], reduction="none")
-                unlearn = unlearn + (per_image * shared).sum() / len(a)
+            for task, a in zip(batch, logits[index * n : (index + 1) * n]):
+                chosen = fooled[name][task]
+                predicted = reference_predictions[name][task][chosen]
+                shared = a.argmax(-1) == predicted  # both predict the same class ≠ ŷ
+                per_image = F.cross_entropy(a.float(), pseudo[task][chosen], reduction="none")
+                unlearn = unlearn + (per_image * shared).sum() / len(batch[task])
                 shared_count += int(shared.sum())
             loss = loss + weight * unlearn
             logs["unlearning_loss" if name == "adversarial" else f"{name}_unlearning_loss"] = float(
                 torch.as_tensor(unlearn).detach()
             )
         if patched:
-            first = (len(unlearned) + 1) * n
+            first = len(unlearned) * n
             patch_unlearning = sum(F.cross_entropy(p.float(), pseudo[t]) for t, p in zip(patched, logits[first:]))
             loss = loss + self.patch_weight * patch_unlearning
             logs["patch_unlearning_loss"] = float(patch_unlearning.detach())

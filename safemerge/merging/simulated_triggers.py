@@ -85,14 +85,32 @@ def shared_adversarial_examples(
     size, projected back onto the ball. An ℓ2 ball spends its budget where the gradient is: a
     radius of a few pixels' worth holds a stamped patch, a blend or a sinusoid, which a small
     ℓ∞ ball does not."""
+    return shared_adversarial_ascent(learner, current, reference, batch, labels, eps, steps, norm)[0]
+
+
+def shared_adversarial_ascent(
+    learner,
+    current,
+    reference,
+    batch: Mapping[str, Tensor],
+    labels: Mapping[str, Tensor],
+    eps: float,
+    steps: int = 1,
+    norm: PerturbationNorm = "linf",
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """:func:`shared_adversarial_examples`, and ``current``'s logits on the clean batch (the
+    ascent's first point, where every perturbation is zero) with their graph kept: a caller
+    whose ``current`` carries the gradient of what it learns gets its clean forward pass free."""
     size = 2.5 * eps / steps
     with torch.enable_grad():
         deltas = {t: torch.zeros_like(x, requires_grad=True) for t, x in batch.items()}
-        for _ in range(steps):
+        for step in range(steps):
             images = {t: clamp_pixels(x + deltas[t], straight_through=True) for t, x in batch.items()}
             ours, theirs = learner.logits(current, images), learner.logits(reference, images)
+            if step == 0:
+                clean_logits = ours
             objective = sum(shared_wrong_log_probability(ours[t], theirs[t], labels[t]) for t in batch)
-            grads = torch.autograd.grad(objective, list(deltas.values()))
+            grads = torch.autograd.grad(objective, list(deltas.values()), retain_graph=step == 0)
             with torch.no_grad():
                 for delta, grad in zip(deltas.values(), grads):
                     if norm == "linf":
@@ -100,7 +118,7 @@ def shared_adversarial_examples(
                     else:
                         delta.add_(size * grad / _norms(grad).clamp_min(1e-12))
                         delta.mul_((eps / _norms(delta).clamp_min(1e-12)).clamp(max=1.0))
-    return {t: (x + deltas[t]).clamp(0, 1).detach() for t, x in batch.items()}
+    return {t: (x + deltas[t]).clamp(0, 1).detach() for t, x in batch.items()}, clean_logits
 
 
 def _norms(rows: Tensor) -> Tensor:
