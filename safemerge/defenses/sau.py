@@ -118,12 +118,20 @@ class SAU(Defense):
         unlearned = {}  # name -> (weight, examples); a set of weight 0 is not computed
         clean_logits = None  # the clean forward pass of the masked model, from the first ascent
         for name, (weight, eps, norm) in budgets.items():
-            if weight > 0:
+            if weight > 0:  # only the first ascent needs the mask's gradient (for its clean logits)
                 examples, logits = shared_adversarial_ascent(
-                    learner, weights, reference, batch, pseudo, eps, self.attack_steps, norm
+                    learner,
+                    weights if clean_logits is None else current,
+                    reference,
+                    batch,
+                    pseudo,
+                    eps,
+                    self.attack_steps,
+                    norm,
                 )
                 unlearned[name] = (weight, examples)
-                clean_logits = logits if clean_logits is None else clean_logits
+                if clean_logits is None:
+                    clean_logits = logits
         # an adversarial image can count only where it fools the frozen reference (see below),
         # so only those go through the masked model again
         reference_predictions = {name: learner.pseudo_labels(reference, x) for name, (_, x) in unlearned.items()}
