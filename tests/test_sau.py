@@ -103,8 +103,8 @@ def test_shared_adversarial_examples_climb_the_shared_objective_inside_the_eps_b
     mask = moved_mask()
     reference, current = toy.weights(torch.ones(2, 12)), toy.weights(mask)
     pseudo = toy.logits(reference, images).argmax(-1)
-    adversarial = defense.shared_adversarial(
-        learner, {toy.NAME: current}, {toy.NAME: reference}, {"t": images}, {"t": pseudo}
+    adversarial = shared_adversarial_examples(
+        learner, {toy.NAME: current}, {toy.NAME: reference}, {"t": images}, {"t": pseudo}, EPS, attack_steps
     )["t"]
     assert float((adversarial - images).abs().max()) <= EPS + 1e-6
     assert float((adversarial - images).abs().max()) >= EPS - 1e-6  # it uses its budget

@@ -17,7 +17,6 @@ from safemerge.merging.simulated_triggers import (
     check_budget,
     check_l2_radius,
     shared_adversarial_ascent,
-    shared_adversarial_examples,
 )
 
 
@@ -98,12 +97,6 @@ class SAU(Defense):
     def optimizers(self) -> tuple[Optimize, ...]:
         patch = (Optimize("defense_patch", ("defense_parts.patch",), self.patch_lr),) if self.patch_weight > 0 else ()
         return (*super().optimizers(), *patch)
-
-    def shared_adversarial(self, learner, current, reference, batch, pseudo) -> dict[str, Tensor]:
-        """Per-image perturbations toward a wrong class both models share (signed gradient ascent)."""
-        return shared_adversarial_examples(
-            learner, current, reference, batch, pseudo, self.perturbation_eps, self.attack_steps
-        )
 
     def defense_step(self, learner, step, batch, optimizers, reduce) -> dict[str, float]:
         parts = learner.defense_parts

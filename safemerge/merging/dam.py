@@ -184,20 +184,6 @@ class DefenseAwareMask:
         """The experts' labels of the batch if the performance term uses them, else None."""
         return learner.expert_pseudo_labels(batch) if self.performance_loss == "expert_labels" else None
 
-    def mask_step(self, learner, step, batch, optimizers, reduce) -> dict[str, float]:
-        # MaskedMerge.mask_step, with the expert labels computed once for both of its steps
-        logs: dict[str, float] = {}
-        labels = self.expert_labels(learner, batch)
-        generator = learner.generator(step)
-        samples = [m.sample(generator) for m in self.concrete_masks(learner)]
-        self.inner_step(learner, [t.detach() for t in product(*samples)], batch, optimizers, reduce, logs, labels)
-        coefficients = learner.coefficients.detach()
-        self.mask_update(learner, step, samples, coefficients, batch, optimizers, reduce, logs, labels)
-        return logs
-
-    def inner_step(self, learner, mask, batch, optimizers, reduce, logs, labels: Labels | None = None) -> None:
-        super().inner_step(learner, mask, batch, optimizers, reduce, logs)
-
     def triggered_batch(self, learner, weights, coefficients, batch, labels, optimizers, reduce, logs):
         """The batch under the simulated trigger (after its step, if it learns), and for the
         shared trigger the unmasked reference's predictions on it (else None)."""

@@ -214,18 +214,25 @@ class MaskedMerge(LearnedMerge):
         generator = learner.generator(-1)
         return combine(*(m.final(self.final_mask, generator) for m in masks))
 
+    def expert_labels(self, learner, batch) -> dict[str, Tensor] | None:
+        """The experts' labels of the batch if the performance term uses them (computed once per
+        mask step, for both of its parts), else None: entropy needs no labels."""
+        return None
+
     def mask_step(self, learner, step, batch, optimizers, reduce) -> dict[str, float]:
         logs: dict[str, float] = {}
+        labels = self.expert_labels(learner, batch)
         generator = learner.generator(step)
         samples = [m.sample(generator) for m in self.concrete_masks(learner)]
-        self.inner_step(learner, [t.detach() for t in product(*samples)], batch, optimizers, reduce, logs)
-        self.mask_update(learner, step, samples, learner.coefficients.detach(), batch, optimizers, reduce, logs)
+        self.inner_step(learner, [t.detach() for t in product(*samples)], batch, optimizers, reduce, logs, labels)
+        coefficients = learner.coefficients.detach()
+        self.mask_update(learner, step, samples, coefficients, batch, optimizers, reduce, logs, labels)
         return logs
 
-    def inner_step(self, learner, mask, batch, optimizers, reduce, logs) -> None:
+    def inner_step(self, learner, mask, batch, optimizers, reduce, logs, labels=None) -> None:
         """Before the mask update, with the mask sample detached (λ fixed here: nothing)."""
 
-    def mask_update(self, learner, step, samples, coefficients, batch, optimizers, reduce, logs) -> None:
+    def mask_update(self, learner, step, samples, coefficients, batch, optimizers, reduce, logs, labels=None) -> None:
         """One step on the mask logits: the entropy of every task's predictions."""
         weights = learner.encoder.weights(coefficients, product(*samples), rescale=True)
         loss = sum(entropy(l) for l in learner.logits(weights, batch).values())
@@ -300,7 +307,7 @@ class ConcreteAdaMerging(MaskedMerge):
             with torch.no_grad():
                 learner.coefficients.copy_(learner.initial_coefficients)
 
-    def inner_step(self, learner, mask, batch, optimizers, reduce, logs) -> None:
+    def inner_step(self, learner, mask, batch, optimizers, reduce, logs, labels=None) -> None:
         """Performance step on λ with the mask sample detached (λ reset first, as the reference)."""
         self._reset_coefficients(learner)
         weights = learner.encoder.weights(learner.coefficients, mask, rescale=True)
