@@ -9,6 +9,8 @@ so that some adversarial images are NOT shared (the attack fails on class-0 imag
 that the frozen reference and the current masked model disagree once the mask has moved.
 """
 
+import dataclasses
+
 import defense_toys as toy
 import pytest
 import torch
@@ -232,12 +234,31 @@ def test_the_l2_term_unlearns_the_shared_l2_examples_toward_the_clean_labels():
         assert (wrong - expected).abs().max() > 1e-3
 
 
+def test_alternate_takes_the_linf_examples_on_even_steps_and_the_l2_examples_on_odd_ones():
+    images, _ = toy.clean_images(n=8)
+    mask, eps = moved_mask(), 0.8
+    linf, _ = expected_gradient(mask, images, adv_weight=1.0)
+    l2, _ = expected_l2_gradient(mask, images, 2.0, eps)
+    both = linf + l2 - expected_gradient(mask, images, adv_weight=0.0)[0]  # the clean term once
+    assert (linf - l2).abs().max() > 1e-3 and (both - linf).abs().max() > 1e-3 and (both - l2).abs().max() > 1e-3
+    defense = SAU(steps=2, mask_lr=0.01, perturbation_eps=EPS, attack_steps=1, l2_weight=2.0, l2_eps=eps)
+    for alternate, expected in ((True, (linf, l2)), (False, (both, both))):
+        learner = toy.learner(dataclasses.replace(defense, alternate=alternate))
+        optimizers, record = learner.make_optimizers(), toy.Recorder()
+        for step in range(2):
+            toy.set_mask(learner, mask)  # each step from the same mask, so each has its own expected gradient
+            learner.training_step(step, {"t": images}, optimizers, reduce=record)
+        for got, want in zip(record.grads, expected):
+            assert torch.allclose(got, want, atol=1e-5), (alternate, (got - want).abs().max())
+
+
 @pytest.mark.parametrize(
     "options, message",
     [
         ({"l2_eps": 0.0}, "l2 radius"),
         ({"perturbation_eps": 2.0}, "budget on pixels"),
         ({"l2_weight": -1.0}, "l2_weight must be >= 0"),
+        ({"alternate": True}, "alternate takes turns"),
     ],
 )
 def test_bad_perturbation_budgets_are_one_line_errors(options, message):

@@ -42,6 +42,9 @@ class SAU(Defense):
     so it holds a stamped patch, a blend, a sinusoid or a small warp's change, which the ℓ∞ ball
     of SAU as published (every pixel moved by at most ε) does not.
 
+    With ``alternate``, both kinds of example take turns: the ℓ∞ set on even steps, the ℓ2 set on
+    odd ones, each with its weight; one ascent per step, as with one kind alone.
+
     With ``patch_weight > 0``, also **unlearning on an inverted patch**: a per-task
     Neural-Cleanse trigger (mask and pattern, area penalty ``patch_area_weight``), one Adam step
     per defence step toward the class its images are closest to, against the current defended
@@ -61,6 +64,8 @@ class SAU(Defense):
         l2_weight: weight of the ℓ2 examples' unlearning term (0: none, SAU as published).
         l2_eps: the ℓ2 examples' radius, over the image's 3·H·W pixels in [0, 1] (6 on the
             mini benchmark's 32-px images is the energy of a 4 x 4 patch changed by ~0.9).
+        alternate: with ``adv_weight`` and ``l2_weight`` both > 0, one kind of example per step,
+            in turn (ℓ∞ on even steps), instead of both every step.
     """
 
     name = "sau"
@@ -75,6 +80,7 @@ class SAU(Defense):
     patch_area_weight: float = 1e-3
     l2_weight: float = 0.0
     l2_eps: float = 6.0
+    alternate: bool = False
 
     def check(self) -> None:
         super().check()
@@ -83,6 +89,11 @@ class SAU(Defense):
         for key in ("adv_weight", "patch_weight", "patch_lr", "l2_weight"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"sau: {key} must be >= 0, got {getattr(self, key)}")
+        if self.alternate and not (self.adv_weight > 0 and self.l2_weight > 0):
+            raise ConfigError(
+                "sau: alternate takes turns between the l-inf and l2 examples, so it needs adv_weight > 0 "
+                f"and l2_weight > 0 (got {self.adv_weight} and {self.l2_weight}); drop alternate or set both"
+            )
         check_budget("sau", self.perturbation_eps)
         check_l2_radius("sau", self.l2_eps)
         check_area_weight("sau", self.patch_area_weight)
@@ -108,6 +119,8 @@ class SAU(Defense):
             "adversarial": (self.adv_weight, self.perturbation_eps, "linf"),
             "l2": (self.l2_weight, self.l2_eps, "l2"),
         }
+        if self.alternate:  # one kind per step, in turn
+            del budgets["l2" if step % 2 == 0 else "adversarial"]
         unlearned = {}  # name -> (weight, examples); a set of weight 0 is not computed
         clean_logits = None  # the clean forward pass of the masked model, from the first ascent
         for name, (weight, eps, norm) in budgets.items():
