@@ -27,7 +27,7 @@ from safemerge.merging.learned import (
 )
 from safemerge.merging.masks import ConcreteMask
 from safemerge.merging.merged import MergedEncoder
-from safemerge.merging.static import StaticMerge, TaskArithmetic, Ties, WeightAverage
+from safemerge.merging.static import StaticMerge, TaskArithmetic, Ties, TSVMerging, WeightAverage
 
 __all__ = [
     "AdaMerging",
@@ -48,6 +48,7 @@ __all__ = [
     "StaticMerge",
     "TaskArithmetic",
     "Ties",
+    "TSVMerging",
     "WeightAverage",
     "entropy",
     "expert_label_loss",

@@ -1,4 +1,5 @@
-"""State-dict algebra: task vectors, task arithmetic, weight averaging and TIES-merging.
+"""State-dict algebra: task vectors, task arithmetic, weight averaging, TIES-merging and TSV's
+orthogonal task vectors.
 
 Only floating-point tensors are merged; other entries (integer buffers) are taken from the
 base (or the first expert) unchanged.
@@ -114,4 +115,61 @@ def ties_merging(
         count = agrees.sum(0)
         mean = torch.where(agrees, stack, 0.0).sum(0) / count.clamp_min(1)
         merged[name] = (tensor.float() + scaling * mean).to(tensor.dtype)
+    return merged
+
+
+def orthogonal_components(matrices: Sequence[Tensor]) -> list[Tensor]:
+    """TSV's decorrelation of ``T`` tasks' updates of one matrix (Gargiulo et al., CVPR 2025,
+    "Task Singular Vectors"): each task's top ``k = max(1, min(m, n) // T)`` singular components
+    ``U_i S_i V_iᵀ``; the stacked ``[U_1 … U_T]`` and ``[V_1 … V_T]`` are replaced by their nearest
+    matrices with orthonormal columns (the polar factor ``P Qᵀ`` of ``P Σ Qᵀ``), so no two tasks'
+    updates share an input or an output direction; task ``i`` keeps its own singular values.
+    ``[m, n]`` matrices in, the same shapes out (float32)."""
+    k = max(1, min(matrices[0].shape) // len(matrices))
+    left, values, right = [], [], []
+    for matrix in matrices:
+        u, s, vh = torch.linalg.svd(matrix.float(), full_matrices=False)
+        left.append(u[:, :k])
+        values.append(s[:k])
+        right.append(vh[:k].T)
+    u, v = _nearest_orthonormal(torch.cat(left, 1)), _nearest_orthonormal(torch.cat(right, 1))
+    blocks = [slice(i * k, (i + 1) * k) for i in range(len(matrices))]
+    return [(u[:, b] * s) @ v[:, b].T for b, s in zip(blocks, values)]
+
+
+def _nearest_orthonormal(a: Tensor) -> Tensor:
+    p, _, qh = torch.linalg.svd(a, full_matrices=False)
+    return p @ qh
+
+
+def orthogonal_task_vectors(vectors: Sequence[StateDict]) -> list[dict[str, Tensor]]:
+    """Every expert's task vector with each tensor of two or more dimensions (as ``[shape[0], -1]``)
+    replaced by its :func:`orthogonal_components`; other tensors (biases, norms) unchanged."""
+    out: list[dict[str, Tensor]] = [{} for _ in vectors]
+    for name, first in vectors[0].items():
+        if first.ndim < 2:
+            for o, vector in zip(out, vectors):
+                o[name] = vector[name].float().clone()
+            continue
+        parts = orthogonal_components([vector[name].reshape(first.shape[0], -1) for vector in vectors])
+        for o, part in zip(out, parts):
+            o[name] = part.reshape(first.shape)
+    return out
+
+
+def tsv_merging(base: StateDict, experts: Sequence[StateDict], scaling: float = 1.0) -> dict[str, Tensor]:
+    """TSV-M: ``θ_0 + scaling · Σ_i τ̃_i`` over the matrices (:func:`orthogonal_task_vectors`),
+    ``θ_0 + scaling · mean_i τ_i`` over the other tensors (as the reference merges them)."""
+    vectors = task_vectors(base, experts)
+    orthogonal = orthogonal_task_vectors(vectors)
+    merged = {}
+    for name, tensor in base.items():
+        if not tensor.is_floating_point():
+            merged[name] = tensor.clone()
+            continue
+        if tensor.ndim < 2:
+            update = sum(v[name] for v in vectors) / len(vectors)
+        else:
+            update = sum(o[name] for o in orthogonal)
+        merged[name] = (tensor.float() + scaling * update).to(tensor.dtype)
     return merged

@@ -140,6 +140,9 @@ class ExpertLabelMerging(LearnedMerge):
         lr: Adam learning rate for λ.
         confidence: keep only images whose expert's max softmax probability is at least this
             (SyMerge's confidence filter); 0 keeps every image.
+        task_vectors: ``plain`` (as fine-tuned) or ``orthogonal``: λ over TSV's decorrelated
+            task vectors (:meth:`~safemerge.merging.merged.MergedEncoder.orthogonalise_`); the
+            labels still come from the experts as fine-tuned.
     """
 
     name = "expert_label_merging"
@@ -148,6 +151,7 @@ class ExpertLabelMerging(LearnedMerge):
     steps: int = 200
     lr: float = 3e-2
     confidence: float = 0.0
+    task_vectors: str = "plain"
 
     def check(self) -> None:
         if self.steps < 1:
@@ -156,6 +160,13 @@ class ExpertLabelMerging(LearnedMerge):
             raise ConfigError(f"{self.name}: granularity must be task or layer, got {self.granularity!r}")
         if not 0 <= self.confidence < 1:
             raise ConfigError(f"{self.name}: confidence is a softmax probability in [0, 1), got {self.confidence}")
+        if self.task_vectors not in ("plain", "orthogonal"):
+            raise ConfigError(f"{self.name}: task_vectors must be plain or orthogonal, got {self.task_vectors!r}")
+
+    def parts(self, learner) -> dict[str, nn.Module | Tensor]:
+        if self.task_vectors == "orthogonal":  # before λ sees them; a resumed run redoes it the same way
+            learner.encoder.orthogonalise_()
+        return super().parts(learner)
 
     @property
     def has_mask(self) -> bool:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
-from safemerge.merging.arithmetic import _check_same_keys, kth_magnitude
+from safemerge.merging.arithmetic import _check_same_keys, kth_magnitude, orthogonal_components
 from safemerge.merging.masks import clamped_mean
 
 Granularity = Literal["task", "layer"]
@@ -143,6 +143,20 @@ class MergedEncoder(nn.Module):
             threshold = kth_magnitude(rows, max(1, round(trim * sum(row.numel() for row in rows))))
             for row in rows:
                 row.masked_fill_(row.abs() <= threshold, 0.0)
+
+    @torch.no_grad()
+    def orthogonalise_(self) -> None:
+        """Replace every expert's task vector by TSV's: per tensor of two or more dimensions,
+        :func:`~safemerge.merging.arithmetic.orthogonal_components` of the experts' current
+        vectors (other tensors unchanged). The vectors as fine-tuned stay what
+        :meth:`expert_weights` returns."""
+        for expert in range(self.num_experts):
+            self._unedited.setdefault(expert, [self.vectors(i)[expert].cpu().clone() for i in range(self.num_tensors)])
+        for index, shape in enumerate(self.shapes):
+            if len(shape) >= 2:
+                vectors = self.vectors(index)
+                parts = orthogonal_components([row.float().view(shape[0], -1) for row in vectors])
+                vectors.copy_(torch.stack([part.flatten() for part in parts]).to(vectors.dtype))
 
     def forward(self, images: Tensor, weights: Mapping[str, Tensor]) -> Tensor:
         chunk = self.checkpoint_chunk

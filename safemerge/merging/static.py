@@ -20,7 +20,7 @@ from typing import ClassVar, Mapping, Sequence
 
 from torch import Tensor
 
-from safemerge.merging.arithmetic import check_fraction_kept, task_arithmetic, ties_merging, weight_average
+from safemerge.merging.arithmetic import check_fraction_kept, task_arithmetic, ties_merging, tsv_merging, weight_average
 from safemerge.merging.contract import Kind, MergeMethod
 
 StateDict = Mapping[str, Tensor]
@@ -78,3 +78,19 @@ class Ties(StaticMerge):
 
     def merge(self, base, experts):
         return ties_merging(base, experts, self.k, self.scaling_factor)
+
+
+@dataclass(eq=False)
+class TSVMerging(StaticMerge):
+    """TSV-M (Gargiulo et al., CVPR 2025): each matrix's task updates cut to their top singular
+    components and decorrelated across tasks (:func:`~safemerge.merging.arithmetic.tsv_merging`).
+
+    Args:
+        scaling_factor: α on the merged update (the reference: 1.0; chosen on validation data).
+    """
+
+    name = "tsv_merging"
+    scaling_factor: float = 1.0
+
+    def merge(self, base, experts):
+        return tsv_merging(base, experts, self.scaling_factor)
