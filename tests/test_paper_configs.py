@@ -160,7 +160,7 @@ def test_paper_grid_dry_run_fine_tunes_the_pool_once_then_every_method_and_seed(
     merges = [line for line in lines if "configs/paper/merge.yaml" in line]
     assert len(finetunes) == 7 and len(lines) == 7 + len(merges)  # 6 clean experts + the adversary's backdoored one
     assert sum("attacks/badmerging_off_task.yaml" in line and "task=cars" in line for line in finetunes) == 1
-    assert len(merges) == 3 * 1 + 6 * 2  # static methods once, learned ones per seed
+    assert len(merges) == 4 * 1 + 6 * 2  # static methods (4) once, learned ones (6) per seed
     assert all(f"SAFEMERGE_EXPERTS={tmp_path / 'experts' / 'ViT-B-32'}" in line for line in merges)
     assert all(
         "$SAFEMERGE_EXPERTS/cars-badmerging_off_task," in line and "$SAFEMERGE_EXPERTS/cars," not in line
