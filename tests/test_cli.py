@@ -31,13 +31,15 @@ def _no_pytest_argv(monkeypatch):
 def _composed(config: Path) -> list[str]:
     """The ``--config`` chain a shipped config is meant for: method, defence, pool and DAM-option
     files compose on top of ``configs/merge/base.yaml`` (DAM options after DAM over AdaMerging, defence
-    options after a defence)."""
+    options after a defence, method options after merging by expert labels)."""
     folder = config.parent.name
     base = REPO / "configs" / "merge" / "base.yaml"
     chain = [config]
     if folder == "dam":
         # DAM over AdaMerging takes every DAM option (some set its AdaMerging stage)
         chain = [base, REPO / "configs" / "merge" / "dam_adamerging.yaml", config]
+    elif folder == "merge_options":  # an option of merging by expert labels, after it
+        chain = [base, REPO / "configs" / "merge" / "expert_label_merging.yaml", config]
     elif folder == "defense" and "class_path" not in config.read_text():  # an option of any defence
         chain = [base, REPO / "configs" / "defense" / "sau.yaml", config]
     elif folder in ("defense", "pools") or (folder == "merge" and config != base):
