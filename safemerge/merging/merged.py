@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from safemerge.merging.arithmetic import _check_same_keys, kth_magnitude, orthogonal_components
 from safemerge.merging.masks import clamped_mean
+from safemerge.merging.subspace import restrict
 
 Granularity = Literal["task", "layer"]
 
@@ -124,9 +125,26 @@ class MergedEncoder(nn.Module):
             for name, vector in zip(self.names, self._unedited[expert]):
                 state[name] = state[name] + vector.to(state[name].device).view(state[name].shape)
             return state
+        return self.edited_weights(expert)
+
+    def edited_weights(self, expert: int) -> dict[str, Tensor]:
+        """``θ_0 + τ_i`` with expert ``expert``'s task vector as the edits left it (what a merge
+        uses; :meth:`expert_weights` is the expert as fine-tuned)."""
         coefficients = torch.zeros(self.num_experts, 1, device=self.vectors(0).device)
         coefficients[expert] = 1.0
         return self.weights(coefficients)
+
+    @torch.no_grad()
+    def restrict_(self, expert: int, bases: Mapping[str, Tensor]) -> None:
+        """Restrict one expert's task vector, per matrix named in ``bases``, to the span of that
+        matrix's basis (:func:`~safemerge.merging.subspace.restrict`); other tensors unchanged.
+        The unedited vector is kept (on the CPU) for :meth:`expert_weights`."""
+        self._unedited.setdefault(expert, [self.vectors(i)[expert].cpu().clone() for i in range(self.num_tensors)])
+        for index, (name, shape) in enumerate(zip(self.names, self.shapes)):
+            if name in bases:
+                row = self.vectors(index)[expert]
+                restricted = restrict(row.float().view(shape), bases[name].to(row.device))
+                row.copy_(restricted.flatten().to(row.dtype))
 
     @torch.no_grad()
     def edit_expert_(self, expert: int, scale: float | None = None, trim: float | None = None) -> None:

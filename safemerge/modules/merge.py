@@ -20,6 +20,7 @@ from safemerge.evaluation import Evaluation, classifier_for
 from safemerge.io import Expert, expert_info, save_tensors, write_expert
 from safemerge.merging import LearnedMerge, MergedEncoder, MergeMethod, StaticMerge
 from safemerge.merging.learner import MergeLearner
+from safemerge.merging.subspace import check_energy, clean_bases
 from safemerge.models import load_clip
 from safemerge.modules.resume import ResumeCheckpoint, check_resumable, keep_trainable_state, last_checkpoint
 from safemerge.pool import backdoors_of, check_pool, read_pool
@@ -82,6 +83,13 @@ class MergeModule(L.LightningModule):
             by this factor before merging (0 drops it; None merges it as any other). Its task's
             expert pseudo-labels still come from the expert as fine-tuned: a backdoored expert
             labels clean images as well as a clean one.
+        clean_subspace: restrict every expert's task vector, per matrix, to the leading
+            eigenvectors of its own task's clean input second moment that hold this fraction of
+            its trace (:mod:`safemerge.merging.subspace`; None: no restriction), before any
+            method merges them; label- and trigger-free. Expert pseudo-labels still come from
+            the experts as fine-tuned.
+        clean_subspace_images: unlabeled images per task (its ``val`` split, seeded by
+            ``seed``) that estimate the second moments.
     """
 
     def __init__(
@@ -99,6 +107,8 @@ class MergeModule(L.LightningModule):
         seed: int = 0,
         scan: bool = False,
         flagged_scale: float | None = None,
+        clean_subspace: float | None = None,
+        clean_subspace_images: int = 500,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["method", "defense"])
@@ -109,6 +119,10 @@ class MergeModule(L.LightningModule):
             raise ConfigError(
                 f"flagged_scale {flagged_scale}: a factor in [0, 1] for the experts the scan flags (set scan: true)"
             )
+        if clean_subspace is not None:
+            check_energy("clean_subspace", clean_subspace)
+            if clean_subspace_images < 2:
+                raise ConfigError(f"clean_subspace_images must be >= 2, got {clean_subspace_images}")
         self.method, self.defense = method, defense
         # What W&B (and any logger) records of the method and the defence.
         self.hparams.update(method=method.describe(), defense=defense.describe() if defense else None)
@@ -137,14 +151,14 @@ class MergeModule(L.LightningModule):
             vector_dtype=getattr(torch, task_vector_dtype),
             checkpoint_chunk=checkpoint_chunk,
         )
+        self.clean_subspace = None  # what the restriction did, for the report
+        if clean_subspace is not None:
+            self._restrict_to_clean_subspaces(tasks, clean_subspace, clean_subspace_images, seed)
         flagged = self.scan["handled"] if self.scan else []
         for index in flagged:  # the unedited vector stays the expert's own (its pseudo-labels)
             self.encoder.edit_expert_(index, scale=flagged_scale)
-        if flagged and isinstance(method, StaticMerge):
-            states = [
-                {k: base[k] + flagged_scale * (v - base[k]) for k, v in s.items()} if i in flagged else s
-                for i, s in enumerate(states)
-            ]
+        if (flagged or clean_subspace is not None) and isinstance(method, StaticMerge):
+            states = [self.encoder.edited_weights(i) for i in range(len(states))]
         static = method.merge(base, states) if isinstance(method, StaticMerge) else None
         self.learner = self._learner(static) if isinstance(method, LearnedMerge) or defense is not None else None
         self.static_weights = static
@@ -154,6 +168,25 @@ class MergeModule(L.LightningModule):
         self.expert_metrics = Evaluation(tasks)  # each expert on its own task
         self._eval_weights: dict[str, Tensor] | None = None
         self._expert_weights: tuple[int, dict[str, Tensor]] | None = None
+
+    def _restrict_to_clean_subspaces(self, tasks, energy: float, images: int, seed: int) -> None:
+        """Each expert's task vector restricted to its own task's clean input subspace
+        (:mod:`safemerge.merging.subspace`), from ``images`` val images run through the expert."""
+        from safemerge.scan import task_images
+
+        start, kept = time.time(), []
+        for index, task in enumerate(tasks):
+            pixels = task_images(task, images, seed, self.image_size).to(self.encoder.vectors(0).device)
+            bases = clean_bases(
+                self.encoder.tower, self.encoder.expert_weights(index), self.classifier.normalize(pixels), energy
+            )
+            self.encoder.restrict_(index, bases)
+            kept += [basis.shape[1] / basis.shape[0] for basis in bases.values()]
+        self.clean_subspace = {"energy": energy, "images": images, "dimensions_kept": sum(kept) / len(kept)}
+        print(
+            f"clean subspace: {len(tasks)} task vectors restricted (energy {energy}, "
+            f"{100 * self.clean_subspace['dimensions_kept']:.0f} % of input dimensions kept) in {time.time() - start:.1f} s"
+        )
 
     @staticmethod
     def _scan(experts: list[str], seed: int, flagged_scale: float | None) -> dict:
@@ -337,6 +370,7 @@ class MergeModule(L.LightningModule):
             "pretrained": self.clip.pretrained,
             "seed": self.seed,
             "adaptation_steps": self.adaptation_steps,
+            "clean_subspace": self.clean_subspace,
             "world_size": self.trainer.world_size if self._trainer else 1,
         }
 
