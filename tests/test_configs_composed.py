@@ -22,7 +22,7 @@ def test_the_generated_configs_are_current():
         assert path.read_text() == text, f"{path} is stale: run python -m safemerge.protocol.configs"
 
 
-def test_the_main_job_is_base_expert_label_merging_sau_expert_labels_one_attack_step_l2_200_steps_with_base_outputs():
+def test_the_main_job_is_the_restricted_tsv_expert_label_merge_then_sau_with_alternating_examples_and_base_outputs():
     job = yaml.safe_load((CONFIGS / "merge.yaml").read_text())
     parts = composed(
         [
@@ -30,10 +30,13 @@ def test_the_main_job_is_base_expert_label_merging_sau_expert_labels_one_attack_
             for p in (
                 "merge/base.yaml",
                 "merge/expert_label_merging.yaml",
+                "merge_options/orthogonal_task_vectors.yaml",
+                "merge_options/clean_subspace.yaml",
                 "defense/sau.yaml",
                 "defense/expert_labels.yaml",
                 "defense/one_attack_step.yaml",
                 "defense/l2_examples.yaml",
+                "defense/alternate_examples.yaml",
                 "defense/steps_200.yaml",
             )
         ]
@@ -41,7 +44,13 @@ def test_the_main_job_is_base_expert_label_merging_sau_expert_labels_one_attack_
     init = job["model"]["init_args"]
     assert init["method"] == {
         "class_path": "safemerge.merging.ExpertLabelMerging",
-        "init_args": {"granularity": "layer", "scaling_factor": 0.3, "steps": 200, "lr": 0.03},
+        "init_args": {
+            "granularity": "layer",
+            "scaling_factor": 0.3,
+            "steps": 200,
+            "lr": 0.03,
+            "task_vectors": "orthogonal",
+        },
     }
     assert init["defense"]["class_path"] == "safemerge.defenses.SAU"
     assert (
@@ -49,10 +58,12 @@ def test_the_main_job_is_base_expert_label_merging_sau_expert_labels_one_attack_
     )
     assert {k: init["defense"]["init_args"][k] for k in ("steps", "adv_weight", "l2_weight", "l2_eps")} == {
         "steps": 200,
-        "adv_weight": 0.0,
+        "adv_weight": 1.0,
         "l2_weight": 1.0,
         "l2_eps": 6.0,
     }
+    assert init["defense"]["init_args"]["alternate"] is True
+    assert init["clean_subspace"] == 0.8 and init["clean_subspace_images"] == 500
     # everything but the output places is the composition; those stay base's
     assert (
         init["output_dir"]

@@ -132,16 +132,21 @@ def _printed_config(capsys, *configs: Path) -> dict:
 
 
 def test_the_main_job_is_the_base_composed_with_expert_label_merging_and_sau_on_expert_labels(capsys):
-    """configs/merge.yaml runs on its own; it is the same merge as base + expert_label_merging + sau +
-    expert_labels + one_attack_step + l2_examples + steps_200."""
+    """configs/merge.yaml runs on its own; it is the same merge as base + expert_label_merging +
+    orthogonal_task_vectors + clean_subspace + sau + expert_labels + one_attack_step + l2_examples +
+    alternate_examples + steps_200."""
     main_job = _printed_config(capsys, REPO / "configs" / "merge.yaml")
     composed = _printed_config(
         capsys,
         BASE,
         REPO / "configs" / "merge" / "expert_label_merging.yaml",
         *(
+            REPO / "configs" / "merge_options" / f"{name}.yaml"
+            for name in ("orthogonal_task_vectors", "clean_subspace")
+        ),
+        *(
             REPO / "configs" / "defense" / f"{name}.yaml"
-            for name in ("sau", "expert_labels", "one_attack_step", "l2_examples", "steps_200")
+            for name in ("sau", "expert_labels", "one_attack_step", "l2_examples", "alternate_examples", "steps_200")
         ),
     )
     composed["model"]["init_args"]["output_dir"] = main_job["model"]["init_args"]["output_dir"]
@@ -150,7 +155,10 @@ def test_the_main_job_is_the_base_composed_with_expert_label_merging_and_sau_on_
     assert main_job["model"]["init_args"]["defense"]["init_args"]["pseudo_labels"] == "experts"
     assert main_job["model"]["init_args"]["defense"]["init_args"]["attack_steps"] == 1
     assert main_job["model"]["init_args"]["defense"]["init_args"]["l2_weight"] == 1.0
+    assert main_job["model"]["init_args"]["defense"]["init_args"]["alternate"] is True
     assert main_job["model"]["init_args"]["method"]["class_path"] == "safemerge.merging.ExpertLabelMerging"
+    assert main_job["model"]["init_args"]["method"]["init_args"]["task_vectors"] == "orthogonal"
+    assert main_job["model"]["init_args"]["clean_subspace"] == 0.8
     assert composed["trainer"]["logger"]["init_args"]["name"] == "expert_label_merging"  # the logger's name merged in
 
 
